@@ -1,0 +1,293 @@
+"""Configuration of Perceiver IO models.
+
+One flat, validated `PerceiverConfig` describes a whole model: the input adapter (chosen by name),
+the encoder (latent array, cross-attention and self-attention layers), the decoder and the task
+head. Everything that shapes the model is a plain JSON value in `config.json`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+__all__ = ["PerceiverConfig", "INPUT_ADAPTERS", "HIDDEN_ACTIVATIONS", "ATTN_IMPLEMENTATIONS"]
+
+INPUT_ADAPTERS = ("text", "image")
+HIDDEN_ACTIVATIONS = ("gelu", "geglu")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+IMAGE_POSITION_ENCODINGS = ("fourier", "learned")
+IMAGE_PREPROCESSINGS = ("pixels", "conv", "patches")
+
+
+class PerceiverConfig(PretrainedConfig):
+    r"""Configuration of a Perceiver IO model (`model_type="perceiver_io"`).
+
+    The encoder cross-attends from a learned latent array (`num_latents` x `d_latents`) to the adapted
+    inputs, then runs `num_self_attention_blocks` blocks of `num_self_attention_layers_per_block`
+    self-attention layers. A cross-attention layer precedes each of the first
+    `num_cross_attention_layers` blocks. Weight sharing follows the Perceiver papers:
+
+    - DeepMind's Perceiver IO: one cross-attention layer, then the same self-attention block repeated
+      (`num_cross_attention_layers=1`, `first_self_attention_block_shared=True`).
+    - The original Perceiver: several cross-attention layers, each followed by a block; layer 1 has its
+      own weights and layers 2.. share one set (`num_cross_attention_layers=num_self_attention_blocks`,
+      `first_cross_attention_layer_shared=False`, `first_self_attention_block_shared=False`).
+
+    Args:
+        input_adapter (`str`, *optional*, defaults to `"text"`):
+            Which input adapter maps raw inputs to `(batch, positions, channels)`: `"text"` or `"image"`.
+        vocab_size (`int`, *optional*, defaults to 10000):
+            Text: size of the token vocabulary.
+        max_position_embeddings (`int`, *optional*, defaults to 512):
+            Text: number of learned input positions (and masked-LM output queries).
+        d_model (`int`, *optional*, defaults to 256):
+            Text: width of the token and position embeddings (the encoder's input channels).
+        image_size (`list[int]`, *optional*, defaults to `[224, 224]`):
+            Image: configured `(height, width)`. Fourier-feature models also accept other sizes.
+        num_channels (`int`, *optional*, defaults to 3):
+            Image: number of pixel channels.
+        num_frequency_bands (`int`, *optional*, defaults to 64):
+            Image: Fourier frequency bands per spatial axis.
+        max_frequency (`float`, *optional*):
+            Image: highest Fourier frequency (Nyquist frequency of the configured size when `None`).
+        image_position_encoding (`str`, *optional*, defaults to `"fourier"`):
+            Image: `"fourier"` features or `"learned"` position embeddings.
+        image_preprocessing (`str`, *optional*, defaults to `"pixels"`):
+            Image: `"pixels"`, `"conv"` (conv + max-pool) or `"patches"`.
+        num_latents (`int`, *optional*, defaults to 256):
+            Number of latent vectors.
+        d_latents (`int`, *optional*, defaults to 512):
+            Width of the latent vectors.
+        num_cross_attention_layers (`int`, *optional*, defaults to 1):
+            Number of encoder cross-attention layers (inputs -> latents).
+        num_self_attention_blocks (`int`, *optional*, defaults to 1):
+            Number of self-attention blocks applied to the latents.
+        num_self_attention_layers_per_block (`int`, *optional*, defaults to 6):
+            Self-attention layers in each block.
+        first_cross_attention_layer_shared (`bool`, *optional*, defaults to `False`):
+            Whether cross-attention layer 1 shares its weights with layers 2.. .
+        first_self_attention_block_shared (`bool`, *optional*, defaults to `True`):
+            Whether self-attention block 1 shares its weights with blocks 2.. .
+        num_cross_attention_heads (`int`, *optional*, defaults to 1):
+            Heads of the encoder cross-attention.
+        num_self_attention_heads (`int`, *optional*, defaults to 8):
+            Heads of the latent self-attention.
+        cross_attention_qk_channels / cross_attention_v_channels (`int`, *optional*):
+            Query/key and value widths of the encoder cross-attention (`d_latents` when `None`).
+        self_attention_qk_channels / self_attention_v_channels (`int`, *optional*):
+            Query/key and value widths of the latent self-attention (`d_latents` when `None`).
+        cross_attention_widening_factor / self_attention_widening_factor (`int`, *optional*, defaults to 1):
+            MLP hidden width as a multiple of the layer's width.
+        use_query_residual (`bool`, *optional*, defaults to `True`):
+            Whether the encoder cross-attention adds its query (the latents) back to its output.
+        num_decoder_heads (`int`, *optional*, defaults to 1):
+            Heads of the decoder cross-attention (output queries -> latents).
+        decoder_qk_channels / decoder_v_channels (`int`, *optional*):
+            Query/key and value widths of the decoder cross-attention (query width when `None`).
+        decoder_widening_factor (`int`, *optional*, defaults to 1):
+            MLP widening factor of the decoder cross-attention layer.
+        decoder_use_query_residual (`bool`, *optional*):
+            Whether the decoder adds its queries to its output; `None` lets each head choose (masked LM:
+            no, as DeepMind's; classification: yes).
+        num_output_queries (`int`, *optional*, defaults to 1):
+            Classification: number of learned decoder queries.
+        d_output_queries (`int`, *optional*):
+            Classification: width of the learned decoder queries (`d_latents` when `None`).
+        decode_masked_only (`bool`, *optional*, defaults to `True`):
+            Masked LM: in training mode with `labels`, decode only the labelled positions (same loss,
+            far less compute at 15% masking); `logits` is then `None`.
+        freeze_encoder (`bool`, *optional*, defaults to `False`):
+            Classification: build the model with the input adapter and encoder frozen (no gradients).
+        hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            MLP activation: `"gelu"` or `"geglu"`.
+        dropout (`float`, *optional*, defaults to 0.0):
+            Dropout on the residual branches (attention output and MLP output).
+        attention_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout on attention probabilities.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the truncated normal initialisation.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-5):
+            LayerNorm epsilon.
+        tie_word_embeddings (`bool`, *optional*, defaults to `True`):
+            Masked LM: project to the vocabulary with the input token embedding matrix.
+        pad_token_id (`int`, *optional*):
+            Text: id of the padding token.
+
+    Example:
+
+    ```python
+    >>> from perceiver_hf import PerceiverConfig, PerceiverForMaskedLM
+    >>> config = PerceiverConfig(vocab_size=10000, d_model=128, num_latents=64, d_latents=128)
+    >>> model = PerceiverForMaskedLM(config)
+    ```
+    """
+
+    model_type = "perceiver_io"
+
+    def __init__(
+        self,
+        input_adapter: str = "text",
+        # text
+        vocab_size: int = 10000,
+        max_position_embeddings: int = 512,
+        d_model: int = 256,
+        # image
+        image_size: list[int] | tuple[int, int] = (224, 224),
+        num_channels: int = 3,
+        num_frequency_bands: int = 64,
+        max_frequency: float | None = None,
+        image_position_encoding: str = "fourier",
+        image_preprocessing: str = "pixels",
+        # encoder
+        num_latents: int = 256,
+        d_latents: int = 512,
+        num_cross_attention_layers: int = 1,
+        num_self_attention_blocks: int = 1,
+        num_self_attention_layers_per_block: int = 6,
+        first_cross_attention_layer_shared: bool = False,
+        first_self_attention_block_shared: bool = True,
+        num_cross_attention_heads: int = 1,
+        num_self_attention_heads: int = 8,
+        cross_attention_qk_channels: int | None = None,
+        cross_attention_v_channels: int | None = None,
+        self_attention_qk_channels: int | None = None,
+        self_attention_v_channels: int | None = None,
+        cross_attention_widening_factor: int = 1,
+        self_attention_widening_factor: int = 1,
+        use_query_residual: bool = True,
+        # decoder
+        num_decoder_heads: int = 1,
+        decoder_qk_channels: int | None = None,
+        decoder_v_channels: int | None = None,
+        decoder_widening_factor: int = 1,
+        decoder_use_query_residual: bool | None = None,
+        num_output_queries: int = 1,
+        d_output_queries: int | None = None,
+        decode_masked_only: bool = True,
+        freeze_encoder: bool = False,
+        # shared
+        hidden_act: str = "gelu",
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        layer_norm_eps: float = 1e-5,
+        tie_word_embeddings: bool = True,
+        pad_token_id: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.input_adapter = input_adapter
+        self.vocab_size = vocab_size
+        self.max_position_embeddings = max_position_embeddings
+        self.d_model = d_model
+        self.image_size = list(image_size)
+        self.num_channels = num_channels
+        self.num_frequency_bands = num_frequency_bands
+        self.max_frequency = max_frequency
+        self.image_position_encoding = image_position_encoding
+        self.image_preprocessing = image_preprocessing
+        self.num_latents = num_latents
+        self.d_latents = d_latents
+        self.num_cross_attention_layers = num_cross_attention_layers
+        self.num_self_attention_blocks = num_self_attention_blocks
+        self.num_self_attention_layers_per_block = num_self_attention_layers_per_block
+        self.first_cross_attention_layer_shared = first_cross_attention_layer_shared
+        self.first_self_attention_block_shared = first_self_attention_block_shared
+        self.num_cross_attention_heads = num_cross_attention_heads
+        self.num_self_attention_heads = num_self_attention_heads
+        self.cross_attention_qk_channels = cross_attention_qk_channels
+        self.cross_attention_v_channels = cross_attention_v_channels
+        self.self_attention_qk_channels = self_attention_qk_channels
+        self.self_attention_v_channels = self_attention_v_channels
+        self.cross_attention_widening_factor = cross_attention_widening_factor
+        self.self_attention_widening_factor = self_attention_widening_factor
+        self.use_query_residual = use_query_residual
+        self.num_decoder_heads = num_decoder_heads
+        self.decoder_qk_channels = decoder_qk_channels
+        self.decoder_v_channels = decoder_v_channels
+        self.decoder_widening_factor = decoder_widening_factor
+        self.decoder_use_query_residual = decoder_use_query_residual
+        self.num_output_queries = num_output_queries
+        self.d_output_queries = d_output_queries
+        self.decode_masked_only = decode_masked_only
+        self.freeze_encoder = freeze_encoder
+        self.hidden_act = hidden_act
+        self.dropout = dropout
+        self.attention_dropout = attention_dropout
+        self.initializer_range = initializer_range
+        self.layer_norm_eps = layer_norm_eps
+        self.pad_token_id = pad_token_id
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.validate_perceiver()
+
+    def validate_perceiver(self) -> None:
+        """Raise a `ValueError` naming the setting, its value and what was expected, for the first
+        inconsistent or out-of-range setting."""
+
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name} ({value!r}) must be one of {list(allowed)}")
+
+        def positive_int(name: str, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+
+        def probability(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} ({value!r}) must be a float in [0, 1)")
+
+        def divisible(channels_name: str, heads_name: str, default_name: str) -> None:
+            channels = getattr(self, channels_name)
+            if channels is None:
+                channels_name, channels = default_name, getattr(self, default_name)
+            heads = getattr(self, heads_name)
+            if channels % heads != 0:
+                raise ValueError(f"{channels_name} ({channels}) must be divisible by {heads_name} ({heads})")
+
+        choice("input_adapter", INPUT_ADAPTERS)
+        choice("hidden_act", HIDDEN_ACTIVATIONS)
+        choice("image_position_encoding", IMAGE_POSITION_ENCODINGS)
+        choice("image_preprocessing", IMAGE_PREPROCESSINGS)
+        for name in (
+            "vocab_size", "max_position_embeddings", "d_model", "num_channels", "num_frequency_bands",
+            "num_latents", "d_latents", "num_cross_attention_layers", "num_self_attention_blocks",
+            "num_self_attention_layers_per_block", "num_cross_attention_heads", "num_self_attention_heads",
+            "cross_attention_widening_factor", "self_attention_widening_factor", "num_decoder_heads",
+            "decoder_widening_factor", "num_output_queries",
+        ):  # fmt: skip
+            positive_int(name)
+        for name in (
+            "cross_attention_qk_channels", "cross_attention_v_channels", "self_attention_qk_channels",
+            "self_attention_v_channels", "decoder_qk_channels", "decoder_v_channels", "d_output_queries",
+        ):  # fmt: skip
+            positive_int(name, optional=True)
+        probability("dropout")
+        probability("attention_dropout")
+        if len(self.image_size) != 2 or any(not isinstance(s, int) or s < 1 for s in self.image_size):
+            raise ValueError(f"image_size ({self.image_size!r}) must be two positive integers (height, width)")
+        if self.max_frequency is not None and not self.max_frequency > 0:
+            raise ValueError(f"max_frequency ({self.max_frequency!r}) must be positive or None")
+        if self.num_cross_attention_layers > self.num_self_attention_blocks:
+            raise ValueError(
+                f"num_cross_attention_layers ({self.num_cross_attention_layers}) must not exceed "
+                f"num_self_attention_blocks ({self.num_self_attention_blocks}): each cross-attention layer "
+                "is followed by a self-attention block"
+            )
+        divisible("cross_attention_qk_channels", "num_cross_attention_heads", "d_latents")
+        divisible("cross_attention_v_channels", "num_cross_attention_heads", "d_latents")
+        divisible("self_attention_qk_channels", "num_self_attention_heads", "d_latents")
+        divisible("self_attention_v_channels", "num_self_attention_heads", "d_latents")
+        # The decoder's default width depends on the head (text: d_model, classification: d_output_queries).
+        for name in ("decoder_qk_channels", "decoder_v_channels"):
+            if getattr(self, name) is not None:
+                divisible(name, "num_decoder_heads", name)
+        if not self.initializer_range > 0:
+            raise ValueError(f"initializer_range ({self.initializer_range!r}) must be positive")
+        if self.pad_token_id is not None:
+            if not 0 <= self.pad_token_id < self.vocab_size:
+                raise ValueError(f"pad_token_id ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size})")
