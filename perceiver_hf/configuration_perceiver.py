@@ -7,6 +7,7 @@ head. Everything that shapes the model is a plain JSON value in `config.json`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -55,6 +56,14 @@ class PerceiverConfig(PretrainedConfig):
             Image: `"fourier"` features or `"learned"` position embeddings.
         image_preprocessing (`str`, *optional*, defaults to `"pixels"`):
             Image: `"pixels"`, `"conv"` (conv + max-pool) or `"patches"`.
+        spatial_downsample (`int`, *optional*):
+            Image: downsampling factor of the preprocessing: every n-th row and column ("pixels"), the patch
+            size ("patches"), or a power of 4 ("conv": 4x per conv + max-pool layer). `None`: 1 for "pixels",
+            4 for "patches" and "conv".
+        image_projection_channels (`int`, *optional*):
+            Image: "pixels" / "patches": width of a linear projection of each position's features (`None`:
+            none; "pixels" with a projection is DeepMind's "conv1x1"). "conv": the convolution's output
+            channels (`None`: 64).
         num_latents (`int`, *optional*, defaults to 256):
             Number of latent vectors.
         d_latents (`int`, *optional*, defaults to 512):
@@ -139,6 +148,8 @@ class PerceiverConfig(PretrainedConfig):
         max_frequency: float | None = None,
         image_position_encoding: str = "fourier",
         image_preprocessing: str = "pixels",
+        spatial_downsample: int | None = None,
+        image_projection_channels: int | None = None,
         # encoder
         num_latents: int = 256,
         d_latents: int = 512,
@@ -186,6 +197,8 @@ class PerceiverConfig(PretrainedConfig):
         self.max_frequency = max_frequency
         self.image_position_encoding = image_position_encoding
         self.image_preprocessing = image_preprocessing
+        self.spatial_downsample = spatial_downsample
+        self.image_projection_channels = image_projection_channels
         self.num_latents = num_latents
         self.d_latents = d_latents
         self.num_cross_attention_layers = num_cross_attention_layers
@@ -264,6 +277,7 @@ class PerceiverConfig(PretrainedConfig):
         for name in (
             "cross_attention_qk_channels", "cross_attention_v_channels", "self_attention_qk_channels",
             "self_attention_v_channels", "decoder_qk_channels", "decoder_v_channels", "d_output_queries",
+            "spatial_downsample", "image_projection_channels",
         ):  # fmt: skip
             positive_int(name, optional=True)
         probability("dropout")
@@ -272,6 +286,20 @@ class PerceiverConfig(PretrainedConfig):
             raise ValueError(f"image_size ({self.image_size!r}) must be two positive integers (height, width)")
         if self.max_frequency is not None and not self.max_frequency > 0:
             raise ValueError(f"max_frequency ({self.max_frequency!r}) must be positive or None")
+        if self.image_preprocessing == "conv" and self.spatial_downsample is not None:
+            downsample = self.spatial_downsample
+            if downsample < 4 or 4 ** round(math.log(downsample, 4)) != downsample:
+                raise ValueError(
+                    f"spatial_downsample ({downsample}) must be a power of 4 (4, 16, ...) for "
+                    "image_preprocessing='conv'"
+                )
+        if self.image_preprocessing == "patches":
+            downsample = self.spatial_downsample or 4
+            if any(size % downsample for size in self.image_size):
+                raise ValueError(
+                    f"image_size ({self.image_size}) must be divisible by spatial_downsample ({downsample}) for "
+                    "image_preprocessing='patches'"
+                )
         if self.num_cross_attention_layers > self.num_self_attention_blocks:
             raise ValueError(
                 f"num_cross_attention_layers ({self.num_cross_attention_layers}) must not exceed "
@@ -288,6 +316,5 @@ class PerceiverConfig(PretrainedConfig):
                 divisible(name, "num_decoder_heads", name)
         if not self.initializer_range > 0:
             raise ValueError(f"initializer_range ({self.initializer_range!r}) must be positive")
-        if self.pad_token_id is not None:
-            if not 0 <= self.pad_token_id < self.vocab_size:
-                raise ValueError(f"pad_token_id ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size})")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size})")

@@ -1,0 +1,325 @@
+"""Convert transformers' own Perceiver models (DeepMind's checkpoints) into `perceiver_hf` models.
+
+transformers hosts DeepMind's Perceiver IO checkpoints in its own format (`deepmind/language-perceiver`,
+`deepmind/vision-perceiver-fourier`, ...). This module maps such a model, given as an object, a local
+directory or a Hub id, to the equivalent `perceiver_hf` model with the same weights, so that logits
+agree to float precision and the model gains this package's capabilities (SDPA, gradient
+checkpointing, inputs of any length up to the positions, decoding only the masked positions).
+
+Python:
+
+```python
+>>> from perceiver_hf.convert import convert_transformers_perceiver
+>>> model, tokenizer_or_processor = convert_transformers_perceiver("deepmind/language-perceiver")
+```
+
+Command line (on a machine with internet for Hub ids):
+
+```
+python -m perceiver_hf.convert deepmind/language-perceiver ./language-perceiver
+```
+
+Kept apart from the modelling code: nothing here is imported by the models.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .configuration_perceiver import PerceiverConfig
+from .modeling_perceiver import (
+    PerceiverForImageClassification,
+    PerceiverForMaskedLM,
+    PerceiverPreTrainedModel,
+)
+
+__all__ = ["convert_transformers_perceiver", "ConversionError", "main"]
+
+# transformers class name -> what this converter builds
+SUPPORTED_CLASSES = (
+    "PerceiverForMaskedLM",
+    "PerceiverForImageClassificationFourier",
+)
+
+
+class ConversionError(ValueError):
+    """A transformers Perceiver setting that `perceiver_hf` cannot represent exactly."""
+
+
+def _load_transformers_model(model_or_path) -> nn.Module:
+    if isinstance(model_or_path, nn.Module):
+        return model_or_path
+    from transformers import AutoConfig
+    from transformers import models as hf_models
+
+    hf_config = AutoConfig.from_pretrained(model_or_path)
+    architectures = hf_config.architectures or []
+    if hf_config.model_type != "perceiver" or not architectures:
+        raise ConversionError(
+            f"{model_or_path!r} is not a transformers Perceiver model (model_type={hf_config.model_type!r}, "
+            f"architectures={architectures})"
+        )
+    model_class = getattr(hf_models.perceiver, architectures[0], None)
+    if model_class is None:
+        raise ConversionError(f"unknown transformers Perceiver architecture {architectures[0]!r}")
+    return model_class.from_pretrained(model_or_path)
+
+
+def _require(condition: bool, setting: str, value, expected: str) -> None:
+    if not condition:
+        raise ConversionError(f"{setting}={value!r} cannot be represented in perceiver_hf: expected {expected}")
+
+
+def _attention_widths(layer_prefix: str, state: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(qk_channels, v_channels) of a transformers `PerceiverLayer`, read off its weights."""
+    return (
+        state[f"{layer_prefix}.attention.self.query.weight"].shape[0],
+        state[f"{layer_prefix}.attention.self.value.weight"].shape[0],
+    )
+
+
+def _layer_mapping(hf_prefix: str, our_prefix: str, cross_attention: bool) -> dict[str, str]:
+    """Key mapping of one transformers `PerceiverLayer` onto our cross- or self-attention layer."""
+    mapping = {
+        "attention.self.query": "attention.q_proj",
+        "attention.self.key": "attention.k_proj",
+        "attention.self.value": "attention.v_proj",
+        "attention.output.dense": "attention.o_proj",
+        "layernorm": "mlp.norm",
+        "mlp.dense1": "mlp.fc1",
+        "mlp.dense2": "mlp.fc2",
+    }
+    if cross_attention:
+        mapping |= {"attention.self.layernorm1": "q_norm", "attention.self.layernorm2": "kv_norm"}
+    else:
+        mapping |= {"attention.self.layernorm1": "norm"}
+    return {
+        f"{hf_prefix}.{hf}.{kind}": f"{our_prefix}.{ours}.{kind}"
+        for hf, ours in mapping.items()
+        for kind in ("weight", "bias")
+    }
+
+
+def _encoder_config_and_mapping(hf_model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    c = hf_model.config
+    _require(c.hidden_act == "gelu", "hidden_act", c.hidden_act, "'gelu'")
+    _require(getattr(c, "chunk_size_feed_forward", 0) in (0, None), "chunk_size_feed_forward",
+             c.chunk_size_feed_forward, "0")  # fmt: skip
+    cross_qk, cross_v = _attention_widths("perceiver.encoder.cross_attention", state)
+    self_qk, self_v = _attention_widths("perceiver.encoder.self_attends.0", state)
+    _require(self_v == c.d_latents, "v_channels", c.v_channels, f"the latent width d_latents={c.d_latents}")
+    num_input_channels = state["perceiver.encoder.cross_attention.attention.self.key.weight"].shape[1]
+    fields = dict(
+        num_latents=c.num_latents,
+        d_latents=c.d_latents,
+        num_cross_attention_layers=1,
+        num_self_attention_blocks=c.num_blocks,
+        num_self_attention_layers_per_block=c.num_self_attends_per_block,
+        first_self_attention_block_shared=True,
+        num_cross_attention_heads=c.num_cross_attention_heads,
+        num_self_attention_heads=c.num_self_attention_heads,
+        cross_attention_qk_channels=cross_qk,
+        cross_attention_v_channels=cross_v,
+        self_attention_qk_channels=self_qk,
+        self_attention_v_channels=self_v,
+        cross_attention_widening_factor=c.cross_attention_widening_factor,
+        self_attention_widening_factor=c.self_attention_widening_factor,
+        use_query_residual=c.use_query_residual,
+        hidden_act="gelu",
+        dropout=0.0,
+        attention_dropout=c.attention_probs_dropout_prob,
+        # transformers builds every Perceiver LayerNorm with the default eps, not config.layer_norm_eps.
+        layer_norm_eps=1e-5,
+        initializer_range=c.initializer_range,
+    )
+    mapping = {"perceiver.embeddings.latents": "perceiver.encoder.latent"}
+    mapping |= _layer_mapping("perceiver.encoder.cross_attention", "perceiver.encoder.cross_attention_1", True)
+    for i in range(c.num_self_attends_per_block):
+        mapping |= _layer_mapping(
+            f"perceiver.encoder.self_attends.{i}", f"perceiver.encoder.self_attention_1.{i}", False
+        )
+    return fields | {"_num_input_channels": num_input_channels}, mapping
+
+
+def _decoder_fields(layer_prefix: str, state: dict[str, torch.Tensor], num_heads: int, residual: bool) -> dict:
+    qk, v = _attention_widths(layer_prefix, state)
+    hidden, width = state[f"{layer_prefix}.mlp.dense1.weight"].shape
+    widening = hidden // width
+    return dict(
+        num_decoder_heads=num_heads,
+        decoder_qk_channels=qk,
+        decoder_v_channels=v,
+        decoder_widening_factor=widening,
+        decoder_use_query_residual=residual,
+    )
+
+
+def _convert_masked_lm(hf_model: nn.Module):
+    from transformers import PerceiverTokenizer
+
+    state = hf_model.state_dict()
+    c = hf_model.config
+    fields, mapping = _encoder_config_and_mapping(hf_model, state)
+    fields.pop("_num_input_channels")
+    decoder = hf_model.perceiver.decoder
+    fields |= _decoder_fields(
+        "perceiver.decoder.decoding_cross_attention",
+        state,
+        num_heads=decoder.decoding_cross_attention.attention.self.num_heads,
+        residual=decoder.decoding_cross_attention.attention.use_query_residual,
+    )
+    config = PerceiverConfig(
+        input_adapter="text",
+        vocab_size=c.vocab_size,
+        max_position_embeddings=c.max_position_embeddings,
+        d_model=c.d_model,
+        tie_word_embeddings=True,
+        pad_token_id=getattr(c, "pad_token_id", None),
+        **fields,
+    )
+    mapping |= {
+        "perceiver.input_preprocessor.embeddings.weight": "perceiver.encoder.input_adapter.token_embedding.weight",
+        "perceiver.input_preprocessor.position_embeddings.weight":
+            "perceiver.encoder.input_adapter.position_embedding.weight",
+        "perceiver.decoder.output_position_encodings.position_embeddings": "decoder.output_query",
+        "embedding_decoder.bias": "decoder.output_adapter.linear.bias",
+    }  # fmt: skip
+    mapping |= _layer_mapping("perceiver.decoder.decoding_cross_attention", "decoder.cross_attention", True)
+    model = PerceiverForMaskedLM(config)
+    _load_mapped(model, state, mapping, tied={"decoder.output_adapter.linear.weight"})
+    return model, PerceiverTokenizer(model_max_length=c.max_position_embeddings)
+
+
+def _convert_image_classifier_fourier(hf_model: nn.Module):
+    state = hf_model.state_dict()
+    c = hf_model.config
+    fields, mapping = _encoder_config_and_mapping(hf_model, state)
+    num_input_channels = fields.pop("_num_input_channels")
+    preprocessor = hf_model.perceiver.input_preprocessor
+    position_encoding = preprocessor.position_embeddings
+    _require(preprocessor.prep_type == "pixels", "prep_type", preprocessor.prep_type, "'pixels'")
+    _require(preprocessor.spatial_downsample == 1, "spatial_downsample", preprocessor.spatial_downsample, "1")
+    _require(position_encoding.concat_pos and not position_encoding.sine_only, "fourier_position_encoding_kwargs",
+             {"concat_pos": position_encoding.concat_pos, "sine_only": position_encoding.sine_only},
+             "concat_pos=True, sine_only=False")  # fmt: skip
+    max_resolution = tuple(position_encoding.max_resolution)
+    _require(len(set(max_resolution)) == 1, "max_resolution", max_resolution, "equal height and width")
+    num_channels = num_input_channels - position_encoding.output_size()
+    decoder = hf_model.perceiver.decoder.decoder
+    fields |= _decoder_fields(
+        "perceiver.decoder.decoder.decoding_cross_attention",
+        state,
+        num_heads=decoder.decoding_cross_attention.attention.self.num_heads,
+        residual=decoder.decoding_cross_attention.attention.use_query_residual,
+    )
+    config = PerceiverConfig(
+        input_adapter="image",
+        image_size=list(max_resolution),
+        num_channels=num_channels,
+        num_frequency_bands=position_encoding.num_bands,
+        max_frequency=float(max_resolution[0]),
+        image_position_encoding="fourier",
+        image_preprocessing="pixels",
+        num_labels=c.num_labels,
+        id2label=dict(c.id2label),
+        label2id=dict(c.label2id),
+        num_output_queries=1,
+        d_output_queries=decoder.num_channels,
+        **fields,
+    )
+    mapping |= {
+        "perceiver.decoder.decoder.output_position_encodings.position_embeddings":
+            "classification_decoder.output_query",
+        "perceiver.decoder.decoder.final_layer.weight": "classification_decoder.output_adapter.linear.weight",
+        "perceiver.decoder.decoder.final_layer.bias": "classification_decoder.output_adapter.linear.bias",
+    }
+    mapping |= _layer_mapping(
+        "perceiver.decoder.decoder.decoding_cross_attention", "classification_decoder.cross_attention", True
+    )
+    model = PerceiverForImageClassification(config)
+    _load_mapped(model, state, mapping)
+    return model, None
+
+
+def _load_mapped(
+    model: PerceiverPreTrainedModel,
+    hf_state: dict[str, torch.Tensor],
+    mapping: dict[str, str],
+    tied: set[str] = frozenset(),
+) -> None:
+    """Copy `hf_state[hf_key]` into `model[our_key]`; every weight on both sides must be accounted for."""
+    ours = model.state_dict()
+    unmapped_hf = sorted(set(hf_state) - set(mapping))
+    if unmapped_hf:
+        raise ConversionError(f"transformers weights without a counterpart in perceiver_hf: {unmapped_hf[:8]}")
+    missing_ours = sorted(set(ours) - set(mapping.values()) - set(tied))
+    if missing_ours:
+        raise ConversionError(f"perceiver_hf weights not filled by the conversion: {missing_ours[:8]}")
+    converted = {}
+    for hf_key, our_key in mapping.items():
+        source = hf_state[hf_key]
+        if source.shape != ours[our_key].shape:
+            raise ConversionError(
+                f"{hf_key} has shape {tuple(source.shape)} but {our_key} expects {tuple(ours[our_key].shape)}"
+            )
+        converted[our_key] = source.detach().clone()
+    model.load_state_dict(converted, strict=False)
+    model.tie_weights()
+    model.eval()
+
+
+_CONVERTERS = {
+    "PerceiverForMaskedLM": _convert_masked_lm,
+    "PerceiverForImageClassificationFourier": _convert_image_classifier_fourier,
+}
+
+
+def convert_transformers_perceiver(model_or_path, save_directory: str | Path | None = None):
+    """Convert a transformers Perceiver model into the equivalent `perceiver_hf` model.
+
+    Args:
+        model_or_path: a transformers Perceiver model object (`PerceiverForMaskedLM`,
+            `PerceiverForImageClassificationFourier`), a local directory, or a Hub id (needs internet).
+        save_directory: if given, `save_pretrained` the converted model (and tokenizer) there.
+
+    Returns:
+        `(model, tokenizer_or_image_processor)`: the converted model in eval mode and the matching
+        preprocessor (transformers' byte-level `PerceiverTokenizer` for the language model).
+
+    Raises:
+        ConversionError: for a model class or setting that perceiver_hf cannot represent exactly,
+            naming the setting.
+    """
+    hf_model = _load_transformers_model(model_or_path)
+    class_name = type(hf_model).__name__
+    if class_name not in _CONVERTERS:
+        raise ConversionError(f"model class {class_name!r} cannot be converted; supported: {list(_CONVERTERS)}")
+    model, preprocessor = _CONVERTERS[class_name](hf_model)
+    if save_directory is not None:
+        model.save_pretrained(save_directory)
+        if preprocessor is not None:
+            preprocessor.save_pretrained(save_directory)
+    return model, preprocessor
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m perceiver_hf.convert",
+        description="Convert a transformers Perceiver model (local directory or Hub id) to perceiver_hf.",
+    )
+    parser.add_argument("model", help="transformers Perceiver model: local directory or Hub id")
+    parser.add_argument("output_dir", help="where to save the converted model")
+    args = parser.parse_args(argv)
+    import perceiver_hf  # noqa: F401  (registers the Auto classes for the saved config)
+
+    model, _ = convert_transformers_perceiver(args.model, save_directory=args.output_dir)
+    num_parameters = sum(p.numel() for p in model.parameters())
+    print(f"saved {type(model).__name__} ({num_parameters:,} parameters) to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
