@@ -29,7 +29,7 @@ from transformers.modeling_outputs import (
     MaskedLMOutput,
     SequenceClassifierOutput,
 )
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .adapters import (
     ClassificationOutputAdapter,
@@ -60,6 +60,8 @@ __all__ = [
     "input_adapter_from_config",
 ]
 
+logger = logging.get_logger(__name__)
+
 
 def _check_attn_implementation(attn_implementation: str) -> str:
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
@@ -76,6 +78,8 @@ def _check_attention_mask(attention_mask: torch.Tensor | None, batch_size: int, 
             f"got {tuple(attention_mask.shape)}"
         )
     # A row without any position to attend to has no defined softmax (eager and SDPA disagree on it).
+    if torch.compiler.is_compiling():
+        return  # a data-dependent check would break the compiled graph; eager runs have checked it
     empty_rows = (attention_mask == 0).all(dim=1)
     if empty_rows.any():
         raise ValueError(
@@ -134,26 +138,33 @@ class PerceiverAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, head_channels).transpose(1, 2)  # (B, H, n, d)
 
+    def project_kv(self, x_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys `(B, H, Nkv, Dk)` and values `(B, H, Nkv, Dv)` of `x_kv` `(B, Nkv, Ckv)`."""
+        k = self._split_heads(self.k_proj(x_kv), self.qk_head_channels)
+        v = self._split_heads(self.v_proj(x_kv), self.v_head_channels)
+        return k, v
+
     def forward(
         self,
         x_q: torch.Tensor,
-        x_kv: torch.Tensor,
+        x_kv: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         Args:
             x_q: queries `(B, Nq, Cq)`.
-            x_kv: keys/values `(B, Nkv, Ckv)`.
+            x_kv: keys/values `(B, Nkv, Ckv)`; may be `None` when `kv` is given.
             attention_mask: `(B, Nkv)`, 1 (or True) for positions to attend to, 0 for padding.
             output_attentions: also return the attention weights `(B, H, Nq, Nkv)` (computed eagerly).
+            kv: keys and values from `project_kv(x_kv)`, to reuse them across calls.
 
         Returns:
             `(output (B, Nq, num_output_channels), attention weights or None)`.
         """
         q = self._split_heads(self.q_proj(x_q), self.qk_head_channels)  # (B, H, Nq, Dk)
-        k = self._split_heads(self.k_proj(x_kv), self.qk_head_channels)  # (B, H, Nkv, Dk)
-        v = self._split_heads(self.v_proj(x_kv), self.v_head_channels)  # (B, H, Nkv, Dv)
+        k, v = kv if kv is not None else self.project_kv(x_kv)  # (B, H, Nkv, Dk), (B, H, Nkv, Dv)
         keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Nkv)
         dropout_p = self.attention_dropout if self.training else 0.0
 
@@ -169,7 +180,8 @@ class PerceiverAttention(nn.Module):
             out = torch.matmul(F.dropout(weights, p=dropout_p, training=self.training), v)  # (B, H, Nq, Dv)
         b, _, nq, _ = out.shape
         out = out.transpose(1, 2).reshape(b, nq, self.num_heads * self.v_head_channels)  # (B, Nq, H*Dv)
-        return self.o_proj(out), weights
+        # The eager path computes weights anyway; return them only when asked, as documented.
+        return self.o_proj(out), weights if output_attentions else None
 
 
 class PerceiverMLP(nn.Module):
@@ -242,14 +254,21 @@ class PerceiverCrossAttentionLayer(nn.Module):
         self.use_query_residual = use_query_residual
         self.mlp = PerceiverMLP(num_q_input_channels, widening_factor, dropout, hidden_act, layer_norm_eps)
 
+    def project_kv(self, x_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised, projected keys and values of `x_kv`, reusable across calls of this layer."""
+        return self.attention.project_kv(self.kv_norm(x_kv))
+
     def forward(
         self,
         x_q: torch.Tensor,
-        x_kv: torch.Tensor,
+        x_kv: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, weights = self.attention(self.q_norm(x_q), self.kv_norm(x_kv), attention_mask, output_attentions)
+        if kv is None:
+            kv = self.project_kv(x_kv)
+        attended, weights = self.attention(self.q_norm(x_q), None, attention_mask, output_attentions, kv)
         x = self.dropout(attended)
         if self.use_query_residual:
             x = x + x_q
@@ -488,10 +507,19 @@ class PerceiverEncoder(_CheckpointingMixin, nn.Module):
         all_hidden = [x_latent] if output_hidden_states else None
         self_attentions = [] if output_attentions else None
         cross_attentions = [] if output_attentions else None
+        # A cross-attention layer whose weights serve several layers sees the same inputs each time:
+        # its keys and values are computed (and kept for the backward pass) once, not once per layer.
+        shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i in range(self.num_self_attention_blocks):
             if i < self.num_cross_attention_layers:
+                cross_attention = self._cross_attention(i)
+                kv = None
+                if self.num_cross_attention_layers > 1:
+                    kv = shared_kv.get(id(cross_attention))
+                    if kv is None:
+                        kv = shared_kv[id(cross_attention)] = cross_attention.project_kv(x)
                 x_latent, weights = self._run_layer(
-                    self._cross_attention(i), x_latent, x, attention_mask, output_attentions
+                    cross_attention, x_latent, x, attention_mask, output_attentions, kv
                 )
                 if output_attentions:
                     cross_attentions.append(weights)
@@ -645,6 +673,9 @@ def input_adapter_from_config(config: PerceiverConfig) -> InputAdapter:
             num_frequency_bands=config.num_frequency_bands,
             max_frequencies=None if config.max_frequency is None else (config.max_frequency,) * 2,
             position_encoding=config.image_position_encoding,
+            preprocessing=config.image_preprocessing,
+            spatial_downsample=config.spatial_downsample,
+            num_projection_channels=config.image_projection_channels,
         )
     raise ValueError(f"input_adapter ({config.input_adapter!r}) is not supported")
 
@@ -683,6 +714,9 @@ class PerceiverPreTrainedModel(PreTrainedModel):
         optimizer leaves them unchanged. Sets `config.freeze_encoder` so the choice is saved."""
         for parameter in self.base_model.parameters():
             parameter.requires_grad_(not freeze)
+            if freeze:
+                # A stale gradient would still be applied (with weight decay) by the next optimizer step.
+                parameter.grad = None
         self.config.freeze_encoder = freeze
 
     def unfreeze_encoder(self) -> None:
@@ -791,7 +825,9 @@ class PerceiverForMaskedLM(PerceiverPreTrainedModel):
     is then `None`.
     """
 
-    _tied_weights_keys = {"decoder.output_adapter.linear.weight": "perceiver.encoder.input_adapter.token_embedding.weight"}
+    _tied_weights_keys = {
+        "decoder.output_adapter.linear.weight": "perceiver.encoder.input_adapter.token_embedding.weight"
+    }
 
     def __init__(self, config: PerceiverConfig) -> None:
         super().__init__(config)
@@ -889,7 +925,14 @@ def _classification_loss(config: PerceiverConfig, logits: torch.Tensor, labels: 
         else:
             config.problem_type = "multi_label_classification"
     if config.problem_type == "regression":
-        return F.mse_loss(logits.squeeze(-1).float(), labels.float().reshape(logits.shape[0]))
+        if config.num_labels == 1:
+            if labels.numel() != logits.shape[0]:
+                raise ValueError(f"regression labels must have shape (batch,) = ({logits.shape[0]},), "
+                                 f"got {tuple(labels.shape)}")
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float().reshape(logits.shape[0]))
+        if labels.shape != logits.shape:  # one regression target per label
+            raise ValueError(f"regression labels must have shape {tuple(logits.shape)}, got {tuple(labels.shape)}")
+        return F.mse_loss(logits.float(), labels.float())
     if config.problem_type == "single_label_classification":
         if labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
             raise ValueError(f"labels must have shape (batch,) = ({logits.shape[0]},), got {tuple(labels.shape)}")
@@ -933,7 +976,27 @@ class _PerceiverClassificationModel(PerceiverPreTrainedModel):
         if getattr(config, "freeze_encoder", False):
             self.freeze_encoder()
 
-    def _classify(self, encoded: BaseModelOutputWithCrossAttentions, labels, output_attentions, return_dict, output_cls):
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then re-applies `config.freeze_encoder`.
+
+        transformers (5.x) replaces every parameter while it loads weights, which resets `requires_grad`
+        to `True`, so the freeze applied in `__init__` would not survive loading.
+        """
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) on request
+        if model.config.freeze_encoder:
+            model.freeze_encoder()
+        return loaded
+
+    def _classify(
+        self,
+        encoded: BaseModelOutputWithCrossAttentions,
+        labels: torch.Tensor | None,
+        output_attentions: bool | None,
+        return_dict: bool,
+        output_cls: type[SequenceClassifierOutput] | type[ImageClassifierOutput],
+    ) -> SequenceClassifierOutput | ImageClassifierOutput | tuple:
         decoded = self.classification_decoder(encoded.last_hidden_state, output_attentions=bool(output_attentions))
         logits = decoded.logits
         if logits.ndim == 3:  # several output queries: average their logits
@@ -947,7 +1010,13 @@ class _PerceiverClassificationModel(PerceiverPreTrainedModel):
 
 class PerceiverForSequenceClassification(_PerceiverClassificationModel):
     """Perceiver IO text classifier: `input_ids` -> `(B, num_labels)` logits, loss from `labels`
-    (single-label, multi-label or regression by `config.problem_type`)."""
+    (single-label, multi-label or regression by `config.problem_type`).
+
+    Inputs longer than `config.max_position_embeddings` are cut to their first
+    `max_position_embeddings` tokens (with a warning) instead of failing, so that
+    `pipeline("text-classification")` classifies long reviews with no extra argument. Tokenizing with
+    `truncation=True` (the tokenizer's `model_max_length`) truncates before the model and keeps `[SEP]`.
+    """
 
     def forward(
         self,
@@ -958,9 +1027,24 @@ class PerceiverForSequenceClassification(_PerceiverClassificationModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> SequenceClassifierOutput | tuple:
+        """
+        Args:
+            input_ids: `(B, N)` token ids; positions beyond `max_position_embeddings` are dropped.
+            attention_mask: `(B, N)`, 1 for tokens, 0 for padding.
+            labels: `(B,)` class ids (single-label), `(B, num_labels)` multi-hot floats (multi-label), or
+                `(B,)` / `(B, num_labels)` floats (regression).
+        """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if input_ids is None:
             raise ValueError("input_ids is required")
+        max_len = self.config.max_position_embeddings
+        if input_ids.ndim == 2 and input_ids.shape[1] > max_len:
+            logger.warning_once(
+                f"input_ids of length {input_ids.shape[1]} is cut to the model's {max_len} positions "
+                "(max_position_embeddings); tokenize with truncation=True to truncate before the model"
+            )
+            input_ids = input_ids[:, :max_len]
+            attention_mask = None if attention_mask is None else attention_mask[:, :max_len]
         encoded = self.perceiver(
             input_ids=input_ids,
             attention_mask=attention_mask,
