@@ -8,11 +8,16 @@ not installed.
 
 from transformers import (
     AutoConfig,
+    AutoFeatureExtractor,
+    AutoImageProcessor,
     AutoModel,
+    AutoModelForAudioClassification,
     AutoModelForImageClassification,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
+    AutoProcessor,
 )
+from transformers.utils import logging as transformers_logging
 
 from .adapters import (
     ClassificationOutputAdapter,
@@ -22,7 +27,17 @@ from .adapters import (
     TextInputAdapter,
     TextOutputAdapter,
 )
+from .adapters_audio import AudioInputAdapter
+from .adapters_multimodal import ModalitySpec, MultimodalInputAdapter
 from .configuration_perceiver import PerceiverConfig
+from .feature_extraction_perceiver import PerceiverFeatureExtractor
+from .image_processing_perceiver import PerceiverImageProcessor
+from .modeling_multimodal import (
+    AutoModelForMultimodalClassification,
+    PerceiverForAudioClassification,
+    PerceiverForMultimodalClassification,
+    PerceiverMultimodalClassifierOutput,
+)
 from .modeling_perceiver import (
     PerceiverAttention,
     PerceiverCrossAttentionLayer,
@@ -40,7 +55,16 @@ from .modeling_perceiver import (
     PerceiverSelfAttentionLayer,
     input_adapter_from_config,
 )
+from .multimodality_perceiver import (
+    InputModality,
+    InputModalityWithEmbedding,
+    MultiModalityPerceiver,
+    MultiModalityPerceiverNoPooling,
+    MultiModalityWithTextPerceiver,
+    Perceiver,
+)
 from .position_encoding import FourierPositionEncoding, LearnedPositionEncoding, fourier_features
+from .processing_perceiver import PerceiverProcessor
 from .tokenization_perceiver import train_wordpiece_tokenizer
 
 __version__ = "0.1.0"
@@ -52,6 +76,7 @@ _AUTO_MODELS = [
     (AutoModelForMaskedLM, PerceiverForMaskedLM),
     (AutoModelForSequenceClassification, PerceiverForSequenceClassification),
     (AutoModelForImageClassification, PerceiverForImageClassification),
+    (AutoModelForAudioClassification, PerceiverForAudioClassification),
 ]
 
 AutoConfig.register(PerceiverConfig.model_type, PerceiverConfig, exist_ok=True)
@@ -59,14 +84,43 @@ PerceiverConfig.register_for_auto_class()
 for _auto_class, _model_class in _AUTO_MODELS:
     _auto_class.register(PerceiverConfig, _model_class, exist_ok=True)
     _model_class.register_for_auto_class(_auto_class.__name__)
+# transformers matches configs by class name, so its own Perceiver's processors (torchvision and PIL) are
+# merged in for our `PerceiverConfig` unless both backends are ours; ours needs no torchvision. Looking
+# them up makes transformers warn about its torchvision fallback, which concerns none of our classes.
+_verbosity = transformers_logging.get_verbosity()
+transformers_logging.set_verbosity_error()
+try:
+    AutoImageProcessor.register(
+        PerceiverConfig,
+        image_processor_classes={"pil": PerceiverImageProcessor, "torchvision": PerceiverImageProcessor},
+        exist_ok=True,
+    )
+finally:
+    transformers_logging.set_verbosity(_verbosity)
+# Multimodal classification has no transformers Auto class: ours is built the same way. Its name goes into
+# `auto_map` so the code is saved with the model (`register_for_auto_class` only accepts transformers' names).
+AutoModelForMultimodalClassification.register(PerceiverConfig, PerceiverForMultimodalClassification, exist_ok=True)
+PerceiverForMultimodalClassification._auto_class = AutoModelForMultimodalClassification.__name__
+AutoFeatureExtractor.register(PerceiverConfig, PerceiverFeatureExtractor, exist_ok=True)
+AutoProcessor.register(PerceiverConfig, PerceiverProcessor, exist_ok=True)
+# No `register_for_auto_class` for the image processor: with an `auto_map` in preprocessor_config.json,
+# `pipeline("image-classification")` also looks for a remote "PerceiverVideoProcessor" and asks on the
+# terminal whether to run custom code.
 
 __all__ = [
     "PerceiverConfig",
+    "PerceiverImageProcessor",
+    "PerceiverFeatureExtractor",
+    "PerceiverProcessor",
     "PerceiverPreTrainedModel",
     "PerceiverModel",
     "PerceiverForMaskedLM",
     "PerceiverForSequenceClassification",
     "PerceiverForImageClassification",
+    "PerceiverForAudioClassification",
+    "PerceiverForMultimodalClassification",
+    "PerceiverMultimodalClassifierOutput",
+    "AutoModelForMultimodalClassification",
     "PerceiverIO",
     "PerceiverEncoder",
     "PerceiverDecoder",
@@ -80,6 +134,9 @@ __all__ = [
     "OutputAdapter",
     "TextInputAdapter",
     "ImageInputAdapter",
+    "AudioInputAdapter",
+    "MultimodalInputAdapter",
+    "ModalitySpec",
     "TextOutputAdapter",
     "ClassificationOutputAdapter",
     "FourierPositionEncoding",
@@ -87,4 +144,10 @@ __all__ = [
     "fourier_features",
     "input_adapter_from_config",
     "train_wordpiece_tokenizer",
+    "Perceiver",
+    "InputModality",
+    "InputModalityWithEmbedding",
+    "MultiModalityPerceiver",
+    "MultiModalityPerceiverNoPooling",
+    "MultiModalityWithTextPerceiver",
 ]

@@ -14,9 +14,11 @@ Shapes: B batch, N input positions, C channels, Q output queries, V vocabulary, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .position_encoding import FourierPositionEncoding, LearnedPositionEncoding
@@ -26,9 +28,18 @@ __all__ = [
     "OutputAdapter",
     "TextInputAdapter",
     "ImageInputAdapter",
+    "ConvDownsample",
+    "space_to_depth",
     "TextOutputAdapter",
     "ClassificationOutputAdapter",
 ]
+
+
+def _require_positive_int(name: str, value: object) -> None:
+    """Raise a `ValueError` unless `value` is an integer >= 1: a size of 0 or less would otherwise build empty
+    layers that fail (or silently return nothing) only when data flows through them."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} ({value!r}) must be a positive integer")
 
 
 class InputAdapter(nn.Module):
@@ -60,6 +71,10 @@ class TextInputAdapter(InputAdapter):
     """
 
     def __init__(self, vocab_size: int, max_seq_len: int, num_input_channels: int) -> None:
+        for name, value in (
+            ("vocab_size", vocab_size), ("max_seq_len", max_seq_len), ("num_input_channels", num_input_channels)
+        ):  # fmt: skip
+            _require_positive_int(name, value)
         super().__init__(num_input_channels)
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
@@ -77,23 +92,118 @@ class TextInputAdapter(InputAdapter):
                 f"input_ids has length {seq_len}, longer than the model's {self.max_seq_len} positions "
                 "(max_position_embeddings); truncate the input"
             )
+        # An id outside the vocabulary fails deep in the embedding (IndexError on CPU, a device assert on GPU),
+        # typically because the tokenizer is not the model's. Checking needs the values, so a compiled graph
+        # skips it, as the attention-mask check does.
+        if input_ids.numel() and not torch.compiler.is_compiling():
+            low, high = torch.aminmax(input_ids)
+            low, high = int(low), int(high)
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(
+                    f"input_ids must be token ids in [0, vocab_size={self.vocab_size}), got ids from {low} to {high}; "
+                    "is the tokenizer the model's own?"
+                )
         return self.token_embedding(input_ids) + self.position_embedding(seq_len)  # (B, N, C)
 
 
+IMAGE_PREPROCESSINGS = ("pixels", "conv", "patches")
+
+
+def _same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, int]:
+    """TensorFlow/Haiku `"SAME"` padding `(before, after)` of one axis: the output has `ceil(size / stride)`
+    positions and the extra padding goes after, as in DeepMind's checkpoints."""
+    total = max((math.ceil(size / stride) - 1) * stride + kernel_size - size, 0)
+    return total // 2, total - total // 2
+
+
+class ConvDownsample(nn.Module):
+    """DeepMind's Perceiver IO "conv" image preprocessing (`Conv2DDownsample`), 4x downsampling per layer.
+
+    Each layer: `Conv2d(7x7, stride 2, no bias)` -> `BatchNorm2d` -> ReLU -> `MaxPool(3x3, stride 2)`, both
+    with TensorFlow "SAME" padding, so a `(H, W)` image becomes `(ceil(H / 4), ceil(W / 4))` per layer
+    (224 -> 56, as in DeepMind's ImageNet model).
+
+    Args:
+        in_channels: channels of the input images.
+        out_channels: channels of every convolution's output.
+        num_layers: number of conv + max-pool layers (downsampling by `4 ** num_layers`).
+        use_batchnorm: apply `BatchNorm2d` after each convolution.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int = 64, num_layers: int = 1, use_batchnorm: bool = True):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        for i in range(num_layers):
+            layer = nn.Module()
+            layer.conv = nn.Conv2d(in_channels if i == 0 else out_channels, out_channels, 7, stride=2, bias=False)
+            layer.batchnorm = nn.BatchNorm2d(out_channels) if use_batchnorm else nn.Identity()
+            self.layers.append(layer)
+
+    @staticmethod
+    def output_size(size: int, num_layers: int) -> int:
+        """Size of one spatial axis after `num_layers` layers."""
+        for _ in range(num_layers):
+            size = math.ceil(math.ceil(size / 2) / 2)
+        return size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """`(B, C, H, W)` -> `(B, out_channels, H', W')`."""
+        x = images
+        for layer in self.layers:
+            (top, bottom), (left, right) = (_same_padding(n, 7, 2) for n in x.shape[-2:])
+            x = layer.conv(F.pad(x, (left, right, top, bottom)))
+            x = F.relu(layer.batchnorm(x))
+            # Padding with -inf makes "SAME" max-pooling ignore the padded positions, as TensorFlow does.
+            (top, bottom), (left, right) = (_same_padding(n, 3, 2) for n in x.shape[-2:])
+            x = F.max_pool2d(F.pad(x, (left, right, top, bottom), value=float("-inf")), kernel_size=3, stride=2)
+        return x
+
+
+def space_to_depth(images: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Rearrange non-overlapping `block_size` x `block_size` patches into channels.
+
+    `(B, H, W, C)` -> `(B, H / block_size, W / block_size, block_size * block_size * C)`, channel order
+    `(row in patch, column in patch, channel)` as DeepMind's and transformers' `space_to_depth`.
+    """
+    b, h, w, c = images.shape
+    if h % block_size or w % block_size:
+        raise ValueError(
+            f"image size ({h}, {w}) must be divisible by spatial_downsample ({block_size}) for 'patches' preprocessing"
+        )
+    x = images.reshape(b, h // block_size, block_size, w // block_size, block_size, c)
+    x = x.permute(0, 1, 3, 2, 4, 5)  # (B, H/s, W/s, s, s, C)
+    return x.reshape(b, h // block_size, w // block_size, block_size * block_size * c)
+
+
 class ImageInputAdapter(InputAdapter):
-    """Pixels with Fourier (or learned) position features concatenated along the channels.
+    """Image features with Fourier (or learned) position features concatenated along the channels.
 
     Accepts channels-last `(B, H, W, C)` images, as the original Perceiver IO library, and
-    channels-first `(B, C, H, W)` `pixel_values`, as transformers' image processors produce. Fourier
-    features are cached per shape and device, and also serve images of other sizes than configured.
+    channels-first `(B, C, H, W)` `pixel_values`, as transformers' image processors produce. The
+    pixels are first preprocessed as one of DeepMind's Perceiver IO options:
+
+    - `"pixels"`: the pixels themselves (every `spatial_downsample`-th row and column when it is > 1);
+    - `"patches"`: space-to-depth of `spatial_downsample` x `spatial_downsample` patches (no convolution);
+    - `"conv"`: `ConvDownsample` (conv 7x7 stride 2, BatchNorm, ReLU, max-pool 3x3 stride 2), 4x
+      downsampling per layer (`spatial_downsample` must be a power of 4).
+
+    For "pixels" and "patches", `num_projection_channels` adds a linear projection of each position's
+    features (DeepMind's "conv1x1" is "pixels" with a projection). Position features are computed on
+    the preprocessed grid. Fourier features are cached per shape, device and dtype, and serve images of
+    other sizes than configured (with the configured `max_frequencies`); learned positions fix the size.
 
     Args:
         image_shape: configured `(height, width, channels)`.
         num_frequency_bands: Fourier frequency bands per spatial axis.
-        max_frequencies: highest frequency per axis (the configured size when `None`: the Nyquist
-            frequency of the configured grid).
+        max_frequencies: highest frequency per axis (the preprocessed grid of the configured size when
+            `None`: the Nyquist frequency of that grid).
         position_encoding: `"fourier"` or `"learned"` (learned positions fix the image size).
         num_position_channels: width of learned position embeddings.
+        preprocessing: `"pixels"`, `"patches"` or `"conv"`.
+        spatial_downsample: downsampling factor of the preprocessing (`None`: 1 for "pixels", 4 for
+            "patches" and "conv").
+        num_projection_channels: "pixels"/"patches": width of an optional linear projection (`None`: no
+            projection); "conv": the convolutions' output channels (`None`: 64, as DeepMind's).
     """
 
     def __init__(
@@ -103,24 +213,74 @@ class ImageInputAdapter(InputAdapter):
         max_frequencies: Sequence[float] | None = None,
         position_encoding: str = "fourier",
         num_position_channels: int = 258,
+        preprocessing: str = "pixels",
+        spatial_downsample: int | None = None,
+        num_projection_channels: int | None = None,
     ) -> None:
-        if len(image_shape) != 3:
-            raise ValueError(f"image_shape ({tuple(image_shape)}) must be (height, width, channels)")
+        if len(image_shape) != 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in image_shape):
+            raise ValueError(
+                f"image_shape ({tuple(image_shape)}) must be three positive integers (height, width, channels)"
+            )
+        _require_positive_int("num_frequency_bands", num_frequency_bands)
         *spatial_shape, num_image_channels = image_shape
+        if preprocessing not in IMAGE_PREPROCESSINGS:
+            raise ValueError(f"preprocessing ({preprocessing!r}) must be one of {list(IMAGE_PREPROCESSINGS)}")
+        if spatial_downsample is None:
+            spatial_downsample = 1 if preprocessing == "pixels" else 4
+        if isinstance(spatial_downsample, bool) or not isinstance(spatial_downsample, int) or spatial_downsample < 1:
+            raise ValueError(f"spatial_downsample ({spatial_downsample!r}) must be a positive integer")
+        if num_projection_channels is not None and num_projection_channels < 1:
+            raise ValueError(f"num_projection_channels ({num_projection_channels!r}) must be a positive integer")
+
+        preprocessor: nn.Module | None = None
+        projection: nn.Module | None = None
+        if preprocessing == "conv":
+            num_conv_layers = round(math.log(spatial_downsample, 4))
+            if spatial_downsample < 4 or 4**num_conv_layers != spatial_downsample:
+                raise ValueError(
+                    f"spatial_downsample ({spatial_downsample}) must be a power of 4 (4, 16, ...) for 'conv' "
+                    "preprocessing: each conv + max-pool layer downsamples 4x"
+                )
+            num_features = num_projection_channels or 64
+            preprocessor = ConvDownsample(num_image_channels, num_features, num_layers=num_conv_layers)
+            grid = [ConvDownsample.output_size(n, num_conv_layers) for n in spatial_shape]
+        else:
+            if preprocessing == "patches":
+                if any(n % spatial_downsample for n in spatial_shape):
+                    raise ValueError(
+                        f"image size {tuple(spatial_shape)} must be divisible by spatial_downsample "
+                        f"({spatial_downsample}) for 'patches' preprocessing"
+                    )
+                num_features = num_image_channels * spatial_downsample**2
+            else:
+                num_features = num_image_channels
+            grid = [math.ceil(n / spatial_downsample) for n in spatial_shape]
+            if num_projection_channels is not None:
+                projection = nn.Linear(num_features, num_projection_channels)
+                num_features = num_projection_channels
+
         if position_encoding == "fourier":
             if max_frequencies is None:
-                max_frequencies = spatial_shape
-            encoding: nn.Module = FourierPositionEncoding(len(spatial_shape), num_frequency_bands, max_frequencies)
+                max_frequencies = grid
+            encoding: nn.Module = FourierPositionEncoding(len(grid), num_frequency_bands, max_frequencies)
             num_position_channels = encoding.num_channels
         elif position_encoding == "learned":
-            encoding = LearnedPositionEncoding(spatial_shape[0] * spatial_shape[1], num_position_channels)
+            encoding = LearnedPositionEncoding(math.prod(grid), num_position_channels)
         else:
             raise ValueError(f"position_encoding ({position_encoding!r}) must be 'fourier' or 'learned'")
-        super().__init__(num_image_channels + num_position_channels)
+        super().__init__(num_features + num_position_channels)
         self.image_shape = tuple(image_shape)
         self.spatial_shape = tuple(spatial_shape)
+        self.grid_shape = tuple(grid)  # positions of the configured image after preprocessing
         self.num_image_channels = num_image_channels
+        self.preprocessing = preprocessing
+        self.spatial_downsample = spatial_downsample
         self.position_encoding_type = position_encoding
+        # Only the modules a variant needs are registered, so "pixels" keeps the original state-dict names.
+        if preprocessor is not None:
+            self.preprocessor = preprocessor
+        if projection is not None:
+            self.projection = projection
         self.position_encoding = encoding
 
     def to_channels_last(self, images: torch.Tensor) -> torch.Tensor:
@@ -133,6 +293,10 @@ class ImageInputAdapter(InputAdapter):
             )
         if not images.is_floating_point():
             raise ValueError(f"images must be a floating point tensor, got dtype {images.dtype}")
+        if 0 in images.shape:
+            raise ValueError(
+                f"images must hold at least one image of at least 1x1 pixels, got shape {tuple(images.shape)}"
+            )
         if images.shape[-1] == c:
             return images
         if images.shape[1] == c:
@@ -142,20 +306,31 @@ class ImageInputAdapter(InputAdapter):
             f"(expected (batch, height, width, {c}) or (batch, {c}, height, width))"
         )
 
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Channels-last images `(B, H, W, C)` -> preprocessed features `(B, H', W', C')`."""
+        s = self.spatial_downsample
+        if self.preprocessing == "conv":
+            x = self.preprocessor(images.permute(0, 3, 1, 2))  # (B, C', H', W')
+            return x.permute(0, 2, 3, 1)
+        x = space_to_depth(images, s) if self.preprocessing == "patches" else images[:, ::s, ::s] if s > 1 else images
+        return self.projection(x) if hasattr(self, "projection") else x
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         images = self.to_channels_last(images)  # (B, H, W, C)
-        b, *spatial_shape, c = images.shape
+        x = self.preprocess(images)  # (B, H', W', C')
+        b, *grid, c = x.shape
         if self.position_encoding_type == "fourier":
-            positions = self.position_encoding(spatial_shape, images.device, images.dtype)  # (H*W, P)
+            positions = self.position_encoding(grid, x.device, x.dtype)  # (H'*W', P)
         else:
-            if tuple(spatial_shape) != self.spatial_shape:
+            if tuple(grid) != self.grid_shape:
                 raise ValueError(
-                    f"images of size {tuple(spatial_shape)} do not match the learned positions of size "
-                    f"{self.spatial_shape}; use Fourier position encoding for variable sizes"
+                    f"images of size {tuple(images.shape[1:3])} do not match the learned positions of the "
+                    f"configured size {self.spatial_shape}; "
+                    "use Fourier position encoding for variable sizes"
                 )
-            positions = self.position_encoding(spatial_shape[0] * spatial_shape[1])
-        pixels = images.reshape(b, -1, c)  # (B, H*W, C)
-        return torch.cat([pixels, positions.expand(b, -1, -1)], dim=-1)  # (B, H*W, C + P)
+            positions = self.position_encoding(math.prod(grid))
+        features = x.reshape(b, -1, c)  # (B, H'*W', C')
+        return torch.cat([features, positions.expand(b, -1, -1)], dim=-1)  # (B, H'*W', C' + P)
 
 
 class TextOutputAdapter(OutputAdapter):
@@ -166,6 +341,10 @@ class TextOutputAdapter(OutputAdapter):
     """
 
     def __init__(self, vocab_size: int, max_seq_len: int, num_output_channels: int) -> None:
+        for name, value in (
+            ("vocab_size", vocab_size), ("max_seq_len", max_seq_len), ("num_output_channels", num_output_channels)
+        ):  # fmt: skip
+            _require_positive_int(name, value)
         super().__init__((max_seq_len, num_output_channels))
         self.linear = nn.Linear(num_output_channels, vocab_size)
 
@@ -185,6 +364,10 @@ class ClassificationOutputAdapter(OutputAdapter):
     def __init__(self, num_classes: int, num_outputs: int = 1, num_output_channels: int | None = None) -> None:
         if num_output_channels is None:
             num_output_channels = num_classes
+        for name, value in (
+            ("num_classes", num_classes), ("num_outputs", num_outputs), ("num_output_channels", num_output_channels)
+        ):  # fmt: skip
+            _require_positive_int(name, value)
         super().__init__((num_outputs, num_output_channels))
         self.linear = nn.Linear(num_output_channels, num_classes)
 

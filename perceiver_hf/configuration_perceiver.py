@@ -12,13 +12,20 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-__all__ = ["PerceiverConfig", "INPUT_ADAPTERS", "HIDDEN_ACTIVATIONS", "ATTN_IMPLEMENTATIONS"]
+from .adapters_multimodal import validate_modalities
 
-INPUT_ADAPTERS = ("text", "image")
+__all__ = ["PerceiverConfig", "INPUT_ADAPTERS", "HIDDEN_ACTIVATIONS", "ATTN_IMPLEMENTATIONS", "POOLINGS"]
+
+INPUT_ADAPTERS = ("text", "image", "audio", "multimodal")
 HIDDEN_ACTIVATIONS = ("gelu", "geglu")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 IMAGE_POSITION_ENCODINGS = ("fourier", "learned")
 IMAGE_PREPROCESSINGS = ("pixels", "conv", "patches")
+# transformers' loss choices for classification heads (None: inferred from num_labels and the labels' dtype).
+PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+AUDIO_PREPROCESSINGS = ("samples", "spectrogram")
+# Multimodal classification: how the latents become the task heads' inputs (see PerceiverForMultimodalClassification).
+POOLINGS = ("decoder", "mean", "latents", "none")
 
 
 class PerceiverConfig(PretrainedConfig):
@@ -37,7 +44,8 @@ class PerceiverConfig(PretrainedConfig):
 
     Args:
         input_adapter (`str`, *optional*, defaults to `"text"`):
-            Which input adapter maps raw inputs to `(batch, positions, channels)`: `"text"` or `"image"`.
+            Which input adapter maps raw inputs to `(batch, positions, channels)`: `"text"`, `"image"`,
+            `"audio"` (raw waveforms) or `"multimodal"` (a dict of the modalities declared in `modalities`).
         vocab_size (`int`, *optional*, defaults to 10000):
             Text: size of the token vocabulary.
         max_position_embeddings (`int`, *optional*, defaults to 512):
@@ -49,9 +57,10 @@ class PerceiverConfig(PretrainedConfig):
         num_channels (`int`, *optional*, defaults to 3):
             Image: number of pixel channels.
         num_frequency_bands (`int`, *optional*, defaults to 64):
-            Image: Fourier frequency bands per spatial axis.
+            Image and audio: Fourier frequency bands per spatial (or time) axis.
         max_frequency (`float`, *optional*):
-            Image: highest Fourier frequency (Nyquist frequency of the configured size when `None`).
+            Image and audio: highest Fourier frequency (Nyquist frequency of the configured size, or of the
+            `max_audio_samples` grid, when `None`).
         image_position_encoding (`str`, *optional*, defaults to `"fourier"`):
             Image: `"fourier"` features or `"learned"` position embeddings.
         image_preprocessing (`str`, *optional*, defaults to `"pixels"`):
@@ -64,6 +73,31 @@ class PerceiverConfig(PretrainedConfig):
             Image: "pixels" / "patches": width of a linear projection of each position's features (`None`:
             none; "pixels" with a projection is DeepMind's "conv1x1"). "conv": the convolution's output
             channels (`None`: 64).
+        max_audio_samples (`int`, *optional*, defaults to 16000):
+            Audio: longest waveform accepted, in samples. Positions are encoded on this fixed grid, so a clip's
+            features do not depend on how much padding its batch has.
+        audio_patch_size (`int`, *optional*, defaults to 1):
+            Audio: consecutive samples grouped into one input position (1: one position per sample).
+        num_audio_channels (`int`, *optional*, defaults to 1):
+            Audio: channels of the waveform (1 for mono).
+        audio_projection_channels (`int`, *optional*):
+            Audio: width of a linear projection of each patch's features (`None`: no projection).
+        audio_preprocessing (`str`, *optional*, defaults to `"samples"`):
+            Audio: features of each patch: `"samples"` (the raw samples) or `"spectrogram"` (its log power
+            spectrum, `audio_patch_size // 2 + 1` bins per channel).
+        sampling_rate (`int`, *optional*, defaults to 16000):
+            Audio: sampling rate the model expects (the feature extractor checks it).
+        modalities (`list[dict]`, *optional*):
+            Multimodal: the modalities, each a plain dict with `name`, `channels`, `num_axes`, `num_freq_bands`,
+            `max_freq` and optionally `vocab_size` (token ids embedded to `channels`), `split_across_layers`,
+            `max_length` and `patch_size`; see `perceiver_hf.adapters_multimodal.ModalitySpec`.
+        pooling (`str`, *optional*, defaults to `"decoder"`):
+            Multimodal classification: how latents feed the task heads: `"decoder"` (learned queries cross-attend
+            to the latents), `"mean"` (mean over latents), `"latents"` (latent `i` feeds task head `i`) or
+            `"none"` (no head: the latents are returned).
+        task_num_labels (`list[int]`, *optional*):
+            Multimodal classification: classes of each task head (several tasks); `None`: one task of
+            `num_labels` classes.
         num_latents (`int`, *optional*, defaults to 256):
             Number of latent vectors.
         d_latents (`int`, *optional*, defaults to 512):
@@ -83,9 +117,11 @@ class PerceiverConfig(PretrainedConfig):
         num_self_attention_heads (`int`, *optional*, defaults to 8):
             Heads of the latent self-attention.
         cross_attention_qk_channels / cross_attention_v_channels (`int`, *optional*):
-            Query/key and value widths of the encoder cross-attention (`d_latents` when `None`).
+            Query/key and value widths of the encoder cross-attention (`d_latents` when `None`; the value width
+            defaults to the query/key width).
         self_attention_qk_channels / self_attention_v_channels (`int`, *optional*):
-            Query/key and value widths of the latent self-attention (`d_latents` when `None`).
+            Query/key and value widths of the latent self-attention (`d_latents` when `None`; the value width
+            defaults to the query/key width).
         cross_attention_widening_factor / self_attention_widening_factor (`int`, *optional*, defaults to 1):
             MLP hidden width as a multiple of the layer's width.
         use_query_residual (`bool`, *optional*, defaults to `True`):
@@ -150,6 +186,17 @@ class PerceiverConfig(PretrainedConfig):
         image_preprocessing: str = "pixels",
         spatial_downsample: int | None = None,
         image_projection_channels: int | None = None,
+        # audio
+        max_audio_samples: int = 16000,
+        audio_patch_size: int = 1,
+        num_audio_channels: int = 1,
+        audio_projection_channels: int | None = None,
+        audio_preprocessing: str = "samples",
+        sampling_rate: int = 16000,
+        # multimodal
+        modalities: list[dict[str, Any]] | None = None,
+        pooling: str = "decoder",
+        task_num_labels: list[int] | None = None,
         # encoder
         num_latents: int = 256,
         d_latents: int = 512,
@@ -199,6 +246,16 @@ class PerceiverConfig(PretrainedConfig):
         self.image_preprocessing = image_preprocessing
         self.spatial_downsample = spatial_downsample
         self.image_projection_channels = image_projection_channels
+        self.max_audio_samples = max_audio_samples
+        self.audio_patch_size = audio_patch_size
+        self.num_audio_channels = num_audio_channels
+        self.audio_projection_channels = audio_projection_channels
+        self.audio_preprocessing = audio_preprocessing
+        self.sampling_rate = sampling_rate
+        # Plain dicts (not objects) keep config.json plain JSON.
+        self.modalities = None if modalities is None else [dict(m) for m in modalities]
+        self.pooling = pooling
+        self.task_num_labels = None if task_num_labels is None else list(task_num_labels)
         self.num_latents = num_latents
         self.d_latents = d_latents
         self.num_cross_attention_layers = num_cross_attention_layers
@@ -254,10 +311,11 @@ class PerceiverConfig(PretrainedConfig):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} ({value!r}) must be a float in [0, 1)")
 
-        def divisible(channels_name: str, heads_name: str, default_name: str) -> None:
+        def divisible(channels_name: str, heads_name: str, *default_names: str) -> None:
             channels = getattr(self, channels_name)
-            if channels is None:
-                channels_name, channels = default_name, getattr(self, default_name)
+            for default_name in default_names:  # the first of the defaults that is set
+                if channels is None:
+                    channels_name, channels = default_name, getattr(self, default_name)
             heads = getattr(self, heads_name)
             if channels % heads != 0:
                 raise ValueError(f"{channels_name} ({channels}) must be divisible by {heads_name} ({heads})")
@@ -266,18 +324,21 @@ class PerceiverConfig(PretrainedConfig):
         choice("hidden_act", HIDDEN_ACTIVATIONS)
         choice("image_position_encoding", IMAGE_POSITION_ENCODINGS)
         choice("image_preprocessing", IMAGE_PREPROCESSINGS)
+        choice("pooling", POOLINGS)
+        choice("audio_preprocessing", AUDIO_PREPROCESSINGS)
         for name in (
             "vocab_size", "max_position_embeddings", "d_model", "num_channels", "num_frequency_bands",
             "num_latents", "d_latents", "num_cross_attention_layers", "num_self_attention_blocks",
             "num_self_attention_layers_per_block", "num_cross_attention_heads", "num_self_attention_heads",
             "cross_attention_widening_factor", "self_attention_widening_factor", "num_decoder_heads",
-            "decoder_widening_factor", "num_output_queries",
+            "decoder_widening_factor", "num_output_queries", "max_audio_samples", "audio_patch_size",
+            "num_audio_channels", "sampling_rate",
         ):  # fmt: skip
             positive_int(name)
         for name in (
             "cross_attention_qk_channels", "cross_attention_v_channels", "self_attention_qk_channels",
             "self_attention_v_channels", "decoder_qk_channels", "decoder_v_channels", "d_output_queries",
-            "spatial_downsample", "image_projection_channels",
+            "spatial_downsample", "image_projection_channels", "audio_projection_channels",
         ):  # fmt: skip
             positive_int(name, optional=True)
         probability("dropout")
@@ -307,14 +368,58 @@ class PerceiverConfig(PretrainedConfig):
                 "is followed by a self-attention block"
             )
         divisible("cross_attention_qk_channels", "num_cross_attention_heads", "d_latents")
-        divisible("cross_attention_v_channels", "num_cross_attention_heads", "d_latents")
+        # The value width defaults to the query-key width, as in PerceiverAttention and DeepMind's Perceiver IO.
+        divisible("cross_attention_v_channels", "num_cross_attention_heads", "cross_attention_qk_channels", "d_latents")
         divisible("self_attention_qk_channels", "num_self_attention_heads", "d_latents")
-        divisible("self_attention_v_channels", "num_self_attention_heads", "d_latents")
+        divisible("self_attention_v_channels", "num_self_attention_heads", "self_attention_qk_channels", "d_latents")
         # The decoder's default width depends on the head (text: d_model, classification: d_output_queries).
         for name in ("decoder_qk_channels", "decoder_v_channels"):
             if getattr(self, name) is not None:
                 divisible(name, "num_decoder_heads", name)
         if not self.initializer_range > 0:
             raise ValueError(f"initializer_range ({self.initializer_range!r}) must be positive")
+        if (
+            isinstance(self.layer_norm_eps, bool)
+            or not isinstance(self.layer_norm_eps, (int, float))
+            or not (self.layer_norm_eps > 0)
+        ):
+            raise ValueError(f"layer_norm_eps ({self.layer_norm_eps!r}) must be a positive number")
+        # A truthy string such as "no" would silently switch a flag on.
+        for name in (
+            "use_query_residual", "first_cross_attention_layer_shared", "first_self_attention_block_shared",
+            "decode_masked_only", "freeze_encoder", "tie_word_embeddings",
+        ):  # fmt: skip
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} ({getattr(self, name)!r}) must be True or False")
+        if self.decoder_use_query_residual is not None and not isinstance(self.decoder_use_query_residual, bool):
+            raise ValueError(
+                f"decoder_use_query_residual ({self.decoder_use_query_residual!r}) must be True, False or None"
+            )
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels ({self.num_labels}) must be a positive integer")
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type ({self.problem_type!r}) must be one of {list(PROBLEM_TYPES)}")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size})")
+        if self.audio_patch_size > self.max_audio_samples:
+            raise ValueError(
+                f"audio_patch_size ({self.audio_patch_size}) must not exceed max_audio_samples "
+                f"({self.max_audio_samples})"
+            )
+        if self.input_adapter == "multimodal" and not self.modalities:
+            raise ValueError(f"input_adapter='multimodal' needs a non-empty modalities list, got {self.modalities!r}")
+        if self.modalities is not None:
+            # Checks every entry (names, sizes, text options) and that split text fits the cross-attention layers.
+            validate_modalities(self.modalities, num_cross_attention_layers=self.num_cross_attention_layers)
+        if self.task_num_labels is not None:
+            if not isinstance(self.task_num_labels, list) or not self.task_num_labels or any(
+                isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.task_num_labels
+            ):
+                raise ValueError(
+                    f"task_num_labels ({self.task_num_labels!r}) must be a non-empty list of positive integers"
+                )
+            if self.pooling == "latents" and len(self.task_num_labels) > self.num_latents:
+                raise ValueError(
+                    f"pooling='latents' feeds one latent per task: {len(self.task_num_labels)} tasks "
+                    f"(task_num_labels) need at most num_latents ({self.num_latents}) latents"
+                )

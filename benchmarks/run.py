@@ -1,0 +1,455 @@
+"""Speed and memory of `perceiver_hf` side by side with the Perceiver libraries a user would pick instead.
+
+```
+python benchmarks/run.py            # full table (tens of minutes on 2 CPU cores), writes benchmarks/RESULTS.md
+python benchmarks/run.py --quick    # smoke run: tiny models, two small workloads, about two minutes
+```
+
+Each (workload, library) runs in a fresh subprocess: build the model, time inference (eval mode,
+`torch.inference_mode`), then training steps (forward + loss + backward + AdamW step), then read the peak
+RSS and count the executed FLOPs with `torch.utils.flop_counter`. The fp32 matmul rate of the machine
+(2048 x 2048) is measured in the same run, before and after the table, and the best of the two is the
+denominator of the FLOP utilisation. Each peer is compared with our model built to its architecture
+(`common.Architecture`): `ours/peer` below 1 means we are faster or smaller.
+
+Besides the table, the full run checks two targets on our model alone: training memory linear in input
+length (a 65,536-token sequence and a 512x512x3 image at batch 1) and `torch.compile(fullgraph=True)` of
+the encoder against eager inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
+RESULT_PREFIX = "BENCHMARK_RESULT: "
+LIBRARIES = ("ours", "transformers", "krasserm", "lucidrains")
+MODULES = {
+    "ours": "bench_ours",
+    "transformers": "bench_transformers",
+    "krasserm": "bench_krasserm",
+    "lucidrains": "bench_lucidrains",
+}
+TARGET_TRAIN_RATIO = 0.75
+MEMORY_BUDGET_BYTES = 8 * 1024**3
+COMPILE_WORKLOADS = ("mlm-512", "img-28x28x1")  # compiling takes minutes per workload on 2 shared cores
+
+
+# ---------------------------------------------------------------------------------------------------
+# Worker side: one measurement in this process, printed as JSON
+# ---------------------------------------------------------------------------------------------------
+
+
+def _setup_worker(threads: int) -> None:
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(1, str(REPO_ROOT))  # perceiver_hf without `pip install -e .`
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")  # peers' deprecation warnings would bury the results
+
+
+def _worker(spec: dict) -> dict:
+    _setup_worker(spec["threads"])
+    import importlib
+
+    from common import ARCHITECTURES, QUICK_ARCHITECTURES, Workload, matmul_gflops, measure
+
+    kind = spec["kind"]
+    if kind == "matmul":
+        return {"matmul_gflops": matmul_gflops()}
+    architectures = QUICK_ARCHITECTURES if spec["quick"] else ARCHITECTURES
+    arch = architectures[spec["arch"]]
+    workload = Workload(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["workload"].items()})
+    if kind == "measure":
+        module = importlib.import_module(MODULES[spec["library"]])
+        reason = module.unavailable()
+        if reason:
+            return {"skipped": reason}
+        return measure(module.build, workload, arch, repeats=spec.get("repeats"))
+    if kind == "scaling":
+        import bench_ours
+
+        def build(w, a):
+            runner = bench_ours.build(w, a)
+            if spec.get("gradient_checkpointing"):
+                runner.model.gradient_checkpointing_enable()
+            return runner
+
+        return measure(build, workload, arch, repeats=1, count_flops=False, phases=("train",))
+    if kind == "compile":
+        return _compile_check(workload, arch, spec.get("repeats") or workload.repeats)
+    raise ValueError(f"unknown worker kind {kind!r}")
+
+
+def _compile_check(workload, arch, repeats: int) -> dict:
+    """Eager vs `torch.compile(fullgraph=True)` inference of our encoder (`PerceiverModel`)."""
+    import statistics
+
+    import bench_ours
+    import torch
+    from common import make_batch
+
+    torch.manual_seed(0)
+    encoder = bench_ours.build_encoder(workload, arch).eval()
+    batch = make_batch(workload, arch)
+    key = "input_ids" if workload.task == "mlm" else "pixel_values"
+    inputs = batch["input_ids"] if workload.task == "mlm" else batch["images"]
+
+    def run(model):
+        return model(**{key: inputs}).last_hidden_state
+
+    def timed(model) -> float:
+        times = []
+        with torch.inference_mode():
+            run(model)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run(model)
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    eager_s = timed(encoder)
+    torch._dynamo.reset()
+    compiled = torch.compile(encoder, fullgraph=True)  # fullgraph: any graph break raises
+    start = time.perf_counter()
+    with torch.inference_mode():
+        compiled_out = run(compiled)
+        eager_out = run(encoder)
+    compile_s = time.perf_counter() - start
+    compiled_s = timed(compiled)
+    return {
+        "eager_s": eager_s,
+        "compiled_s": compiled_s,
+        "compile_s": compile_s,
+        "max_abs_diff": float((compiled_out - eager_out).abs().max()),
+        "workload": asdict(workload),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Orchestrator side: subprocesses, table, RESULTS.md
+# ---------------------------------------------------------------------------------------------------
+
+
+def _run_subprocess(spec: dict, timeout: float) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    env = os.environ | {"OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    wall = time.perf_counter() - start
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX):])
+            result["wall_s"] = wall
+            return result
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    if proc.returncode in (-9, 137):
+        tail = "killed (out of memory?)"
+    return {"error": f"exit {proc.returncode}: {tail}"}
+
+
+def _mb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.0f}"
+
+
+def _ratio(ours: float | None, peer: float | None) -> str:
+    if not ours or not peer:
+        return "-"
+    return f"{ours / peer:.2f}"
+
+
+def _seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s * 1e3:,.0f} ms" if s < 10 else f"{s:,.1f} s"
+
+
+def _hardware() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("torch", "transformers", "perceiver-io", "perceiver-pytorch", "einops", "fairscale"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _table(rows: list[dict], matmul: float) -> list[str]:
+    """One markdown table: our row, then each peer with ours/peer ratios (time and peak memory)."""
+    lines = [
+        "| workload | arch | library | params | train step | inference | train peak MB | infer peak MB "
+        "| train FLOP util | train ours/peer | infer ours/peer | train mem ours/peer | infer mem ours/peer |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    by_key = {(r["workload"], r["arch"], r["library"]): r for r in rows}
+    for r in rows:
+        res = r["result"]
+        if "error" in res or "skipped" in res:
+            lines.append(f"| {r['workload']} | {r['arch']} | {r['library']} | {res.get('error') or res['skipped']} "
+                         "| | | | | | | | | |")  # fmt: skip
+            continue
+        util = "-"
+        if res.get("train_flops") and res.get("train_s") and matmul:
+            util = f"{res['train_flops'] / res['train_s'] / 1e9 / matmul:.0%}"
+        ratios = ["", "", "", ""]
+        if r["library"] != "ours":
+            ours = by_key.get((r["workload"], r["arch"], "ours"), {}).get("result", {})
+            ratios = [
+                _ratio(ours.get("train_s"), res.get("train_s")),
+                _ratio(ours.get("infer_s"), res.get("infer_s")),
+                _ratio(ours.get("train_peak_bytes"), res.get("train_peak_bytes")),
+                _ratio(ours.get("infer_peak_bytes"), res.get("infer_peak_bytes")),
+            ]
+        lines.append(
+            f"| {r['workload']} | {r['arch']} | {r['library']} | {res['parameters'] / 1e6:.2f} M "
+            f"| {_seconds(res.get('train_s'))} | {_seconds(res.get('infer_s'))} | {_mb(res.get('train_peak_bytes'))} "
+            f"| {_mb(res.get('infer_peak_bytes'))} | {util} | " + " | ".join(ratios) + " |"
+        )
+    return lines
+
+
+def _targets(rows: list[dict]) -> list[str]:
+    """Per workload: the worst ours/peer ratio of training time and of peak memory, against the targets."""
+    lines = []
+    workloads = dict.fromkeys(r["workload"] for r in rows)
+    for name in workloads:
+        train, memory = [], []
+        for r in rows:
+            if r["workload"] != name or r["library"] == "ours" or "train_s" not in r["result"]:
+                continue
+            ours = next((o["result"] for o in rows if o["workload"] == name and o["arch"] == r["arch"]
+                         and o["library"] == "ours"), {})  # fmt: skip
+            if "train_s" not in ours:
+                continue
+            train.append((ours["train_s"] / r["result"]["train_s"], r["library"]))
+            memory.append((ours["train_peak_bytes"] / r["result"]["train_peak_bytes"], r["library"]))
+        if not train:
+            continue
+        worst_t, worst_m = max(train), max(memory)
+        lines.append(
+            f"- {name}: train time ours/peer <= {worst_t[0]:.2f} (worst: {worst_t[1]}; target {TARGET_TRAIN_RATIO}: "
+            f"{'met' if worst_t[0] <= TARGET_TRAIN_RATIO else 'missed'}); train peak memory ours/peer <= "
+            f"{worst_m[0]:.2f} (worst: {worst_m[1]}; target 1.0: {'met' if worst_m[0] <= 1.0 else 'missed'})"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny models and workloads: a smoke run")
+    parser.add_argument("--workloads", help="comma-separated workload names (default: all of the mode)")
+    parser.add_argument("--libraries", default=",".join(LIBRARIES), help=f"comma-separated subset of {LIBRARIES}")
+    parser.add_argument("--repeats", type=int, help="timed repeats per phase (default: per workload)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per subprocess")
+    parser.add_argument("--skip-scaling", action="store_true", help="skip the long-input memory check")
+    parser.add_argument("--skip-compile", action="store_true", help="skip the torch.compile check (--quick skips it)")
+    parser.add_argument("--output", type=Path, help="markdown report (default: benchmarks/RESULTS.md, not for --quick)")
+    parser.add_argument("--json", type=Path, help="also save the raw results as JSON")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        result = _worker(json.loads(args.worker))
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        return
+
+    sys.path.insert(0, str(HERE))
+    from common import ARCHITECTURES, QUICK_ARCHITECTURES, QUICK_WORKLOADS, WORKLOADS, Workload
+
+    workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
+    architectures = QUICK_ARCHITECTURES if args.quick else ARCHITECTURES
+    if args.workloads:
+        unknown = sorted(set(args.workloads.split(",")) - set(workloads))
+        if unknown:
+            parser.error(f"--workloads: unknown {unknown}; choose from {sorted(workloads)}")
+        workloads = {k: v for k, v in workloads.items() if k in args.workloads.split(",")}
+    libraries = args.libraries.split(",")
+    unknown = sorted(set(libraries) - set(LIBRARIES))
+    if unknown:
+        parser.error(f"--libraries: unknown {unknown}; choose from {list(LIBRARIES)}")
+    if "ours" not in libraries:
+        libraries.insert(0, "ours")
+    peer_of = {"ours": ("gelu", "geglu"), "transformers": ("gelu",), "krasserm": ("gelu",), "lucidrains": ("geglu",)}
+
+    started = time.time()
+    base = {"threads": args.threads, "quick": args.quick}
+    hardware = _hardware()
+    print(f"# {hardware['cpu']}, {hardware['cores']} cores, torch {hardware['torch']}, {args.threads} threads, "
+          f"load average {hardware['load_average'][0]:.1f}", flush=True)  # fmt: skip
+    matmul = [_run_subprocess(base | {"kind": "matmul"}, 120).get("matmul_gflops", 0.0)]
+    print(f"# fp32 matmul 2048x2048: {matmul[0]:.0f} GFLOP/s", flush=True)
+
+    rows = []
+    for wname, workload in workloads.items():
+        for aname in architectures:
+            for library in libraries:
+                if aname not in peer_of[library]:
+                    continue
+                if aname != "gelu" and not any(aname in peer_of[lib] for lib in libraries if lib != "ours"):
+                    continue  # our model in an architecture that no requested peer uses
+                spec = base | {"kind": "measure", "library": library, "arch": aname,
+                               "workload": asdict(workload), "repeats": args.repeats}  # fmt: skip
+                result = _run_subprocess(spec, args.timeout)
+                rows.append({"workload": wname, "arch": aname, "library": library, "result": result})
+                summary = result.get("error") or result.get("skipped") or (
+                    f"train {_seconds(result['train_s'])}, infer {_seconds(result['infer_s'])}, "
+                    f"train peak {_mb(result['train_peak_bytes'])} MB"
+                )
+                print(f"{wname:>14} {aname:>5} {library:>12}: {summary}", flush=True)
+
+    extra: list[str] = []
+    raw: dict = {"rows": rows}
+    if not args.skip_scaling:
+        extra += ["", "## Training memory against input length (ours, batch 1)", "",
+                  "| input | inputs | gradient checkpointing | train step | train peak MB | within 8 GB |",
+                  "|---|--:|---|--:|--:|---|"]  # fmt: skip
+        if args.quick:
+            cases = [Workload("mlm-1024", "mlm", 1, seq_len=1024), Workload("mlm-4096", "mlm", 1, seq_len=4096)]
+        else:
+            cases = [
+                Workload("mlm-16384", "mlm", 1, seq_len=16384),
+                Workload("mlm-65536", "mlm", 1, seq_len=65536),
+                Workload("img-256x256x3", "image", 1, image_shape=(256, 256, 3), num_frequency_bands=64,
+                         num_classes=1000),
+                Workload("img-512x512x3", "image", 1, image_shape=(512, 512, 3), num_frequency_bands=64,
+                         num_classes=1000),
+            ]  # fmt: skip
+        raw["scaling"] = []
+        for workload in cases:
+            # With checkpointing too for the largest inputs: it trades time for memory.
+            for checkpointing in (False, True) if workload in cases[1::2] else (False,):
+                spec = base | {"kind": "scaling", "arch": "gelu", "workload": asdict(workload),
+                               "gradient_checkpointing": checkpointing}  # fmt: skip
+                result = _run_subprocess(spec, args.timeout)
+                raw["scaling"].append({"workload": workload.name, "checkpointing": checkpointing, "result": result})
+                if "error" in result:
+                    line = f"| {workload.name} | {workload.num_inputs:,} | {checkpointing} | {result['error']} | | |"
+                else:
+                    peak = result["train_peak_bytes"]
+                    line = (f"| {workload.name} | {workload.num_inputs:,} | {'yes' if checkpointing else 'no'} "
+                            f"| {_seconds(result['train_s'])} | {_mb(peak)} "
+                            f"| {'yes' if peak <= MEMORY_BUDGET_BYTES else 'no'} |")  # fmt: skip
+                extra.append(line)
+                print(line, flush=True)
+        # Linear growth: the extra memory per extra input position, between the two sizes of each input kind.
+        plain = {r["workload"]: r["result"] for r in raw["scaling"] if not r["checkpointing"]}
+        growth = []
+        for small, large in zip(cases[0::2], cases[1::2], strict=True):
+            a, b = plain.get(small.name, {}), plain.get(large.name, {})
+            if "train_peak_bytes" in a and "train_peak_bytes" in b:
+                per_input = (b["train_peak_bytes"] - a["train_peak_bytes"]) / (large.num_inputs - small.num_inputs)
+                growth.append(
+                    f"{small.name} -> {large.name}: x{large.num_inputs / small.num_inputs:.0f} inputs, "
+                    f"x{b['train_peak_bytes'] / a['train_peak_bytes']:.1f} peak memory, "
+                    f"{per_input / 1024:.1f} KiB per extra input position"
+                )
+        if growth:
+            extra += ["", "Growth: " + "; ".join(growth) + "."]
+
+    if not (args.skip_compile or args.quick):  # compiling takes minutes on 2 shared cores
+        extra += ["", "## torch.compile(fullgraph=True) of the encoder, inference (ours)", "",
+                  "| input | eager | compiled | compiled/eager | compile time | max abs diff |",
+                  "|---|--:|--:|--:|--:|--:|"]  # fmt: skip
+        raw["compile"] = []
+        compile_workloads = {k: w for k, w in workloads.items() if k in COMPILE_WORKLOADS} or workloads
+        for wname, workload in compile_workloads.items():
+            spec = base | {"kind": "compile", "arch": "gelu", "workload": asdict(workload), "repeats": args.repeats}
+            result = _run_subprocess(spec, args.timeout)
+            raw["compile"].append({"workload": wname, "result": result})
+            if "error" in result:
+                line = f"| {wname} | {result['error']} | | | | |"
+            else:
+                line = (f"| {wname} | {_seconds(result['eager_s'])} | {_seconds(result['compiled_s'])} "
+                        f"| {result['compiled_s'] / result['eager_s']:.2f} | {result['compile_s']:.0f} s "
+                        f"| {result['max_abs_diff']:.1e} |")  # fmt: skip
+            extra.append(line)
+            print(line, flush=True)
+
+    matmul.append(_run_subprocess(base | {"kind": "matmul"}, 120).get("matmul_gflops", 0.0))
+    peak = max(matmul)
+    elapsed = time.time() - started
+
+    command = "python benchmarks/run.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
+    report = [
+        "# Benchmark results",
+        "",
+        f"Command: `{command}` ({elapsed / 60:.0f} min, {time.strftime('%Y-%m-%d %H:%M %Z')})",
+        "",
+        f"Hardware: {hardware['cpu']}, {hardware['cores']} cores, {args.threads} torch threads, fp32; load average "
+        f"at start {hardware['load_average'][0]:.1f} (the machine is shared, so absolute times are noisy; the "
+        "ratios come from runs taken side by side). fp32 matmul 2048x2048: "
+        f"{' / '.join(f'{m:.0f}' for m in matmul)} GFLOP/s (start / end; FLOP utilisation uses {peak:.0f}).",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in _versions().items()),
+        "",
+        "Architectures: " + "; ".join(f"`{k}` = {a.describe()}" for k, a in architectures.items()),
+        "",
+        "Workloads: " + "; ".join(f"`{k}` = {w.describe()}" for k, w in workloads.items()),
+        "",
+        "Times are the best of the repeats (other processes only ever add time); peak MB is the process's "
+        "peak RSS above its RSS before the model was built. "
+        "FLOP utilisation = executed FLOPs of a training step / step time / fp32 matmul rate. "
+        "`ours/peer` < 1: ours is faster or smaller.",
+        "",
+        *_table(rows, peak),
+        "",
+        f"Targets (ours/peer over every peer; training time <= {TARGET_TRAIN_RATIO}, memory <= 1.0):",
+        "",
+        *_targets(rows),
+        *extra,
+    ]
+    notes = sorted({f"{r['library']}: {note}" for r in rows for note in r["result"].get("notes", [])})
+    if notes:
+        report += ["", "Notes:", "", *[f"- {n}" for n in notes]]
+    text = "\n".join(report) + "\n"
+    print()
+    print(text)
+    output = args.output or (None if args.quick else HERE / "RESULTS.md")
+    if output:
+        output.write_text(text)
+        print(f"wrote {output}")
+    if args.json:
+        args.json.write_text(json.dumps(raw | {"matmul_gflops": matmul, "hardware": hardware}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

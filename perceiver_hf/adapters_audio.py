@@ -1,0 +1,167 @@
+"""Audio input adapter: raw waveforms, one time axis, Fourier position features, optional patches.
+
+Shapes: B batch, T samples, A audio channels, P samples per patch, N = ceil(T / P) input positions,
+C adapter output channels.
+
+Positions are encoded on a fixed grid of `ceil(max_samples / patch_size)` positions, the first N of which a
+clip of N patches uses. A clip's features therefore do not depend on the length of the batch it is padded
+into (the Fourier features of a grid spanning the padded length would move every position whenever the
+batch's longest clip changes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import InputAdapter
+from .position_encoding import FourierPositionEncoding
+
+__all__ = ["AudioInputAdapter", "patch_mask", "log_power_spectrum", "AUDIO_PREPROCESSINGS"]
+
+AUDIO_PREPROCESSINGS = ("samples", "spectrogram")
+
+
+def patch_mask(attention_mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Sample mask `(B, T)` -> patch mask `(B, ceil(T / P))`: a patch is attended to when any of its samples is."""
+    b, t = attention_mask.shape
+    padded = F.pad(attention_mask.bool(), (0, -t % patch_size))
+    return padded.view(b, -1, patch_size).any(dim=-1)
+
+
+def log_power_spectrum(frames: torch.Tensor) -> torch.Tensor:
+    """`log(1 + |rfft(frame)|^2)` along the last axis: `(..., P)` -> `(..., P // 2 + 1)`, computed in float32.
+
+    `log1p` keeps silent (and zero-padded) frames finite and is close to the log power of loud ones.
+    """
+    power = torch.fft.rfft(frames.float(), dim=-1).abs().square()
+    return torch.log1p(power).to(frames.dtype)
+
+
+class AudioInputAdapter(InputAdapter):
+    """Raw waveform -> `(B, N, C)` patch features with Fourier position features concatenated.
+
+    Each input position holds a patch of `patch_size` consecutive samples of every channel (`patch_size=1`:
+    one position per sample, as the original Perceiver's raw audio), as one of:
+
+    - `"samples"`: the samples themselves (`patch_size * A` channels);
+    - `"spectrogram"`: the log power spectrum of the patch (`(patch_size // 2 + 1) * A` channels), i.e. a
+      non-overlapping short-time Fourier transform with one frame per position. Cross-attention averages its
+      values linearly over positions, which cancels raw waveform samples out; a per-patch spectrum keeps the
+      frequency content, which is what small models on little data (spoken digits) need.
+
+    The features may be linearly projected to `num_projection_channels`. The clip is zero-padded to a multiple
+    of `patch_size`.
+
+    This adapter also maps the feature extractor's sample-level `attention_mask` `(B, T)` to the
+    position-level mask `(B, N)` the encoder needs, so it returns `(features, mask)`
+    (`adapts_attention_mask = True`).
+
+    Args:
+        max_samples: longest waveform accepted; it fixes the position grid.
+        patch_size: samples per input position.
+        num_audio_channels: channels `A` of the waveform (1 for mono).
+        num_frequency_bands: Fourier frequency bands of the time axis.
+        max_frequency: highest Fourier frequency (`None`: the Nyquist frequency of the position grid).
+        num_projection_channels: width of a linear projection of each patch (`None`: no projection).
+        preprocessing: `"samples"` or `"spectrogram"`.
+    """
+
+    adapts_attention_mask = True
+
+    def __init__(
+        self,
+        max_samples: int,
+        patch_size: int = 1,
+        num_audio_channels: int = 1,
+        num_frequency_bands: int = 64,
+        max_frequency: float | None = None,
+        num_projection_channels: int | None = None,
+        preprocessing: str = "samples",
+    ) -> None:
+        if preprocessing not in AUDIO_PREPROCESSINGS:
+            raise ValueError(f"preprocessing ({preprocessing!r}) must be one of {list(AUDIO_PREPROCESSINGS)}")
+        for name, value in (
+            ("max_samples", max_samples),
+            ("patch_size", patch_size),
+            ("num_audio_channels", num_audio_channels),
+            ("num_frequency_bands", num_frequency_bands),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        if num_projection_channels is not None and num_projection_channels < 1:
+            raise ValueError(f"num_projection_channels ({num_projection_channels!r}) must be a positive integer")
+        if max_frequency is not None and not max_frequency > 0:
+            raise ValueError(f"max_frequency ({max_frequency!r}) must be positive or None")
+        num_positions = math.ceil(max_samples / patch_size)
+        encoding = FourierPositionEncoding(1, num_frequency_bands, (max_frequency or num_positions,))
+        per_channel = patch_size // 2 + 1 if preprocessing == "spectrogram" else patch_size
+        num_patch_features = per_channel * num_audio_channels
+        num_features = num_projection_channels or num_patch_features
+        super().__init__(num_features + encoding.num_channels)
+        self.preprocessing = preprocessing
+        self.max_samples = max_samples
+        self.patch_size = patch_size
+        self.num_audio_channels = num_audio_channels
+        self.num_positions = num_positions
+        self.position_encoding = encoding
+        # Registered only when used, so the raw-patch variant has no extra state-dict entries.
+        if num_projection_channels is not None:
+            self.projection = nn.Linear(num_patch_features, num_projection_channels)
+
+    def to_batch_time_channels(self, waveform: torch.Tensor) -> torch.Tensor:
+        """`(B, T)` (mono) or channels-last `(B, T, A)` -> `(B, T, A)`, with clear errors for other shapes."""
+        a = self.num_audio_channels
+        if not waveform.is_floating_point():
+            raise ValueError(f"input_values must be a floating point waveform, got dtype {waveform.dtype}")
+        if waveform.ndim == 2 and a == 1:
+            return waveform.unsqueeze(-1)
+        if waveform.ndim == 3 and waveform.shape[-1] == a:
+            return waveform
+        expected = "(batch, samples) or (batch, samples, 1)" if a == 1 else f"(batch, samples, {a})"
+        raise ValueError(f"input_values must have shape {expected}, got {tuple(waveform.shape)}")
+
+    def forward(
+        self, waveform: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        Args:
+            waveform: `(B, T)` or `(B, T, A)` samples, `T <= max_samples`.
+            attention_mask: `(B, T)`, 1 for real samples, 0 for padding.
+
+        Returns:
+            `(features (B, N, C), position mask (B, N) or None)`.
+        """
+        x = self.to_batch_time_channels(waveform)  # (B, T, A)
+        b, t, a = x.shape
+        if t > self.max_samples:
+            raise ValueError(
+                f"input_values has {t} samples, more than the model's max_audio_samples ({self.max_samples}); "
+                "truncate the audio (e.g. the feature extractor's truncation=True, max_length=...)"
+            )
+        if t == 0:
+            raise ValueError("input_values must hold at least one sample")
+        if attention_mask is not None and attention_mask.shape != (b, t):
+            raise ValueError(
+                f"attention_mask must have the shape of the waveform (batch, samples) = ({b}, {t}), "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        if attention_mask is not None:
+            # A patch may hold real and padded samples: zero the padded ones, so their values never matter.
+            x = x * attention_mask.to(x.dtype)[..., None]
+        p = self.patch_size
+        x = F.pad(x, (0, 0, 0, -t % p))  # zero samples complete the last patch
+        patches = x.reshape(b, -1, p * a)  # (B, N, P*A), sample-major within a patch
+        if self.preprocessing == "spectrogram":
+            frames = x.reshape(b, -1, p, a).transpose(2, 3)  # (B, N, A, P)
+            patches = log_power_spectrum(frames).flatten(2)  # (B, N, A*(P/2+1))
+        if hasattr(self, "projection"):
+            patches = self.projection(patches)
+        n = patches.shape[1]
+        positions = self.position_encoding((self.num_positions,), patches.device, patches.dtype)[:n]  # (N, F)
+        features = torch.cat([patches, positions.expand(b, -1, -1)], dim=-1)  # (B, N, C)
+        mask = None if attention_mask is None else patch_mask(attention_mask, p)
+        return features, mask
