@@ -1,9 +1,10 @@
 """Workloads, matched architectures, synthetic batches and the measurement of one configuration.
 
 Every library is measured on the same synthetic batch, with the same architecture sizes
-(`Architecture`), in a process of its own (see `run.py`). The measurement of one
-(library, workload, architecture) is `measure()`: inference forward, then training steps
-(forward + backward + AdamW step), with the executed FLOPs counted in the untimed warm-up runs, then peak RSS.
+(`Architecture`), in a process of its own (see `run.py`). `Measurement` measures one
+(library, workload, architecture) step by step: inference, then training steps (forward + loss +
+backward + AdamW step), with the executed FLOPs counted in untimed runs and the peak RSS read after
+each phase; `measure()` runs all of its steps in a row.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "Architecture",
     "Workload",
     "Runner",
+    "Measurement",
     "WORKLOADS",
     "QUICK_WORKLOADS",
     "ARCHITECTURES",
@@ -199,13 +201,103 @@ def _register_cpu_flash_attention_flops() -> None:
         return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
-def _timed(fn: Callable[[], object], repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
+class Measurement:
+    """The measurement of one (library, workload, architecture) in this process, one step at a time.
+
+    The phases run in this order: `start_inference()`, `infer()` (timed, call it repeatedly),
+    `end_inference()`, `start_training()`, `train()` (timed), `finish()`. Inference runs first, so the
+    peak RSS read after it is the inference peak and the one read at the end the training peak; both
+    are taken above the RSS before the model was built, so they count weights, gradients, optimizer
+    state, activations and allocator overhead, not the imports. FLOPs are counted in untimed runs.
+    `run.py` drives several of these, one per subprocess, in turn, so that the timed steps of all
+    libraries interleave and a change in the machine's load affects them alike.
+    """
+
+    def __init__(
+        self,
+        build: Callable[[Workload, Architecture], Runner],
+        workload: Workload,
+        arch: Architecture,
+        count_flops: bool = True,
+    ) -> None:
+        _register_cpu_flash_attention_flops()
+        _warm_up(build, workload, arch)
+        gc.collect()
+        self.baseline = rss_bytes()
+        torch.manual_seed(0)
+        self.runner = build(workload, arch)
+        self.model = self.runner.model
+        self.batch = self.runner.prepare(make_batch(workload, arch))
+        self.count_flops = count_flops
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.infer_times: list[float] = []
+        self.train_times: list[float] = []
+        self.result: dict = {
+            "workload": asdict(workload),
+            "arch": asdict(arch),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "notes": self.runner.notes,
+            "threads": torch.get_num_threads(),
+        }
+
+    def _flop_counter(self) -> contextlib.AbstractContextManager:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        return FlopCounterMode(display=False) if self.count_flops else contextlib.nullcontext()
+
+    def start_inference(self) -> None:
+        self.model.eval()
+        with torch.inference_mode():
+            self.runner.infer(self.batch)  # warm-up
+
+    def infer(self) -> float:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            self.runner.infer(self.batch)
+            elapsed = time.perf_counter() - start
+        self.infer_times.append(elapsed)
+        return elapsed
+
+    def end_inference(self) -> None:
+        gc.collect()
+        self.result["infer_peak_bytes"] = peak_rss_bytes() - self.baseline
+        if self.count_flops:
+            # Counted after the inference peak is read: FlopCounterMode's module tracker needs grad mode.
+            with self._flop_counter() as counter:
+                self.runner.infer(self.batch)
+            self.result["infer_flops"] = counter.get_total_flops()
+            gc.collect()
+
+    def _step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.runner.train_loss(self.batch)
+        loss.backward()
+        self.optimizer.step()
+
+    def start_training(self) -> None:
+        self.model.train()
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
+        with self._flop_counter() as counter:
+            self._step()  # warm-up; also allocates the optimizer state
+        if self.count_flops:
+            self.result["train_flops"] = counter.get_total_flops()
+
+    def train(self) -> float:
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+        self._step()
+        elapsed = time.perf_counter() - start
+        self.train_times.append(elapsed)
+        return elapsed
+
+    def finish(self) -> dict:
+        """The result; times are the best of the timed steps, as other processes only ever add time."""
+        gc.collect()
+        if self.infer_times:
+            self.result |= {"infer_s": min(self.infer_times), "infer_times_s": self.infer_times}
+        if self.train_times:
+            self.result |= {"train_s": min(self.train_times), "train_times_s": self.train_times}
+            self.result["train_peak_bytes"] = peak_rss_bytes() - self.baseline
+        return self.result
 
 
 def measure(
@@ -216,69 +308,19 @@ def measure(
     count_flops: bool = True,
     phases: tuple[str, ...] = ("infer", "train"),
 ) -> dict:
-    """Measure one configuration in this process: inference, then training.
-
-    Memory is peak RSS minus the RSS before the model was built (imports excluded), so it counts
-    weights, gradients, optimizer state, activations and allocator overhead. Inference runs first:
-    the peak after it is the inference peak, the peak after training the training peak.
-    """
+    """Measure one configuration in this process alone: `repeats` inference runs, then training steps."""
     repeats = repeats or workload.repeats
-    _warm_up(build, workload, arch)
-    gc.collect()
-    baseline = rss_bytes()
-    torch.manual_seed(0)
-    runner = build(workload, arch)
-    model = runner.model
-    batch = runner.prepare(make_batch(workload, arch))
-    num_parameters = sum(p.numel() for p in model.parameters())
-    result: dict = {"workload": asdict(workload), "arch": asdict(arch), "parameters": num_parameters,
-                    "notes": runner.notes, "threads": torch.get_num_threads()}  # fmt: skip
-
-    _register_cpu_flash_attention_flops()
-    from torch.utils.flop_counter import FlopCounterMode
-
-    def flop_counter() -> contextlib.AbstractContextManager:
-        return FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
-
-    # FLOPs are counted in untimed runs. Times are the best of `repeats`: other processes on a shared
-    # machine only ever add time.
+    measurement = Measurement(build, workload, arch, count_flops=count_flops)
     if "infer" in phases:
-        model.eval()
-        with torch.inference_mode():
-            runner.infer(batch)  # warm-up
-            times = _timed(lambda: runner.infer(batch), repeats)
-        result["infer_s"] = min(times)
-        result["infer_times_s"] = times
-        gc.collect()
-        result["infer_peak_bytes"] = peak_rss_bytes() - baseline
-        if count_flops:
-            # Counted after the inference peak is read: FlopCounterMode's module tracker needs grad mode.
-            with flop_counter() as counter:
-                runner.infer(batch)
-            result["infer_flops"] = counter.get_total_flops()
-            gc.collect()
-
+        measurement.start_inference()
+        for _ in range(repeats):
+            measurement.infer()
+        measurement.end_inference()
     if "train" in phases:
-        model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            loss = runner.train_loss(batch)
-            loss.backward()
-            optimizer.step()
-
-        with flop_counter() as counter:
-            step()  # also allocates the optimizer state
-        if count_flops:
-            result["train_flops"] = counter.get_total_flops()
-        times = _timed(step, repeats)
-        result["train_s"] = min(times)
-        result["train_times_s"] = times
-        gc.collect()
-        result["train_peak_bytes"] = peak_rss_bytes() - baseline
-    return result
-
+        measurement.start_training()
+        for _ in range(repeats):
+            measurement.train()
+    return measurement.finish()
 
 
 def _warm_up(build: Callable[[Workload, Architecture], Runner], workload: Workload, arch: Architecture) -> None:

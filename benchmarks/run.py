@@ -5,12 +5,14 @@ python benchmarks/run.py            # full table (tens of minutes on 2 CPU cores
 python benchmarks/run.py --quick    # smoke run: tiny models, two small workloads, about two minutes
 ```
 
-Each (workload, library) runs in a fresh subprocess: build the model, time inference (eval mode,
-`torch.inference_mode`), then training steps (forward + loss + backward + AdamW step), then read the peak
-RSS and count the executed FLOPs with `torch.utils.flop_counter`. The fp32 matmul rate of the machine
-(2048 x 2048) is measured in the same run, before and after the table, and the best of the two is the
-denominator of the FLOP utilisation. Each peer is compared with our model built to its architecture
-(`common.Architecture`): `ours/peer` below 1 means we are faster or smaller.
+Each library runs in its own subprocess (its own peak memory), all libraries of a workload at once,
+and their timed steps go round-robin: inference of each library in turn, repeated, then training steps
+(forward + loss + backward + AdamW step) likewise, so a change in the load of a shared machine hits every
+library alike. Each subprocess also reads its peak RSS and counts the executed FLOPs with
+`torch.utils.flop_counter`. The fp32 matmul rate of the machine (2048 x 2048) is measured in the same
+run, before and after the table, and the best of the two is the denominator of the FLOP utilisation.
+Each peer is compared with our model built to its architecture (`common.Architecture`): `ours/peer`
+below 1 means we are faster or smaller.
 
 Besides the table, the full run checks two targets on our model alone: training memory linear in input
 length (a 65,536-token sequence and a 512x512x3 image at batch 1) and `torch.compile(fullgraph=True)` of
@@ -23,9 +25,11 @@ import argparse
 import json
 import os
 import platform
+import select
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -34,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 RESULT_PREFIX = "BENCHMARK_RESULT: "
 LIBRARIES = ("ours", "transformers", "krasserm", "lucidrains")
+MATMUL_PROBE = "matmul"  # a pseudo-library in the round-robin: samples the machine's fp32 matmul rate
 MODULES = {
     "ours": "bench_ours",
     "transformers": "bench_transformers",
@@ -65,22 +70,12 @@ def _setup_worker(threads: int) -> None:
 
 def _worker(spec: dict) -> dict:
     _setup_worker(spec["threads"])
-    import importlib
-
-    from common import ARCHITECTURES, QUICK_ARCHITECTURES, Workload, matmul_gflops, measure
+    from common import matmul_gflops, measure
 
     kind = spec["kind"]
     if kind == "matmul":
         return {"matmul_gflops": matmul_gflops()}
-    architectures = QUICK_ARCHITECTURES if spec["quick"] else ARCHITECTURES
-    arch = architectures[spec["arch"]]
-    workload = Workload(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["workload"].items()})
-    if kind == "measure":
-        module = importlib.import_module(MODULES[spec["library"]])
-        reason = module.unavailable()
-        if reason:
-            return {"skipped": reason}
-        return measure(module.build, workload, arch, repeats=spec.get("repeats"))
+    workload, arch = _spec_workload_arch(spec)
     if kind == "scaling":
         import bench_ours
 
@@ -96,10 +91,71 @@ def _worker(spec: dict) -> dict:
     raise ValueError(f"unknown worker kind {kind!r}")
 
 
+def _reply(result: dict) -> None:
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def _spec_workload_arch(spec: dict):
+    from common import ARCHITECTURES, QUICK_ARCHITECTURES, Workload
+
+    architectures = QUICK_ARCHITECTURES if spec["quick"] else ARCHITECTURES
+    workload = Workload(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["workload"].items()})
+    return workload, architectures[spec["arch"]]
+
+
+SERVE_COMMANDS = ("start_inference", "infer", "end_inference", "start_training", "train")
+
+
+def _serve(spec: dict) -> None:
+    """Build one library's model, then run the measurement steps that the orchestrator sends on stdin."""
+    _setup_worker(spec["threads"])
+    import importlib
+
+    from common import Measurement
+
+    if spec["library"] == MATMUL_PROBE:
+        measurement = _MatmulProbe()
+    else:
+        workload, arch = _spec_workload_arch(spec)
+        module = importlib.import_module(MODULES[spec["library"]])
+        reason = module.unavailable()
+        if reason:
+            _reply({"skipped": reason})
+            return
+        measurement = Measurement(module.build, workload, arch)
+    _reply({"ready": True})
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "finish":
+            _reply(measurement.finish())
+            return
+        if command not in SERVE_COMMANDS:
+            raise ValueError(f"unknown command {command!r}")
+        _reply({"value": getattr(measurement, command)()})
+
+
+class _MatmulProbe:
+    """The fp32 rate of a 2048 x 2048 matmul, sampled at every step of the round-robin: the FLOP
+    utilisation of a workload uses the best rate seen while that workload ran."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def _sample(self) -> float:
+        from common import matmul_gflops
+
+        rate = matmul_gflops(seconds=0.5)
+        self.rates.append(rate)
+        return rate
+
+    start_inference = infer = end_inference = start_training = train = _sample
+
+    def finish(self) -> dict:
+        return {"matmul_gflops": max(self.rates, default=0.0), "matmul_samples": self.rates}
+
+
 def _compile_check(workload, arch, repeats: int) -> dict:
     """Eager vs `torch.compile(fullgraph=True)` inference of our encoder (`PerceiverModel`)."""
-    import statistics
-
     import bench_ours
     import torch
     from common import make_batch
@@ -113,25 +169,21 @@ def _compile_check(workload, arch, repeats: int) -> dict:
     def run(model):
         return model(**{key: inputs}).last_hidden_state
 
-    def timed(model) -> float:
-        times = []
-        with torch.inference_mode():
-            run(model)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                run(model)
-                times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    eager_s = timed(encoder)
     torch._dynamo.reset()
     compiled = torch.compile(encoder, fullgraph=True)  # fullgraph: any graph break raises
     start = time.perf_counter()
     with torch.inference_mode():
         compiled_out = run(compiled)
+        compile_s = time.perf_counter() - start
         eager_out = run(encoder)
-    compile_s = time.perf_counter() - start
-    compiled_s = timed(compiled)
+        # Eager and compiled calls alternate, so a change in the machine's load hits both alike.
+        times: dict[str, list[float]] = {"eager": [], "compiled": []}
+        for _ in range(max(repeats, 3)):
+            for name, model in (("eager", encoder), ("compiled", compiled)):
+                start = time.perf_counter()
+                run(model)
+                times[name].append(time.perf_counter() - start)
+    eager_s, compiled_s = min(times["eager"]), min(times["compiled"])
     return {
         "eager_s": eager_s,
         "compiled_s": compiled_s,
@@ -164,6 +216,99 @@ def _run_subprocess(spec: dict, timeout: float) -> dict:
     if proc.returncode in (-9, 137):
         tail = "killed (out of memory?)"
     return {"error": f"exit {proc.returncode}: {tail}"}
+
+
+class _Worker:
+    """A `--serve` subprocess measuring one library, driven one step at a time."""
+
+    def __init__(self, spec: dict, timeout: float) -> None:
+        self.timeout = timeout
+        self.error: str | None = None
+        self.buffer = b""
+        # A file, not a pipe: a pipe could fill up with warnings and block the worker. Closed in close().
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115
+        command = [sys.executable, str(Path(__file__).resolve()), "--serve", json.dumps(spec)]
+        env = os.environ | {"OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     env=env, cwd=REPO_ROOT)  # fmt: skip
+
+    def _fail(self, message: str) -> dict:
+        self.error = message
+        self.close()
+        return {"error": message}
+
+    def _stderr_tail(self) -> str:
+        self.stderr.seek(0)
+        lines = self.stderr.read().decode(errors="replace").strip().splitlines()
+        return lines[-1] if lines else "no output"
+
+    def read(self) -> dict:
+        """The next result line of the worker."""
+        if self.error:
+            return {"error": self.error}
+        deadline = time.monotonic() + self.timeout
+        fd = self.proc.stdout.fileno()
+        while True:
+            while b"\n" not in self.buffer:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                    return self._fail(f"timed out after {self.timeout:.0f} s")
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    code = self.proc.wait()
+                    tail = "killed (out of memory?)" if code in (-9, 137) else self._stderr_tail()
+                    return self._fail(f"exit {code}: {tail}")
+                self.buffer += chunk
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            text = line.decode(errors="replace")
+            if text.startswith(RESULT_PREFIX):  # other lines are the libraries' own prints
+                return json.loads(text[len(RESULT_PREFIX):])
+
+    def call(self, command: str) -> dict:
+        if self.error:
+            return {"error": self.error}
+        try:
+            self.proc.stdin.write(command.encode() + b"\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            return self.read()
+        return self.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr.close()
+
+
+def _measure_side_by_side(specs: list[dict], repeats: int, timeout: float) -> list[dict]:
+    """Measure several libraries on one workload, their timed steps interleaved.
+
+    Every library runs in its own subprocess (its own memory peak), all started together; then the
+    timed steps go round-robin: inference of A, B, C, A, B, C, ..., then training steps likewise. A
+    change of the machine's load (other jobs) thus hits every library alike, which keeps the ratios
+    meaningful on a shared machine.
+    """
+    workers = [_Worker(spec, timeout) for spec in specs]
+    results: list[dict | None] = [None] * len(workers)
+    for i, worker in enumerate(workers):
+        reply = worker.read()  # "ready" once the model is built, or why not
+        if "ready" not in reply:
+            results[i] = reply
+            worker.close()
+    live = [i for i in range(len(workers)) if results[i] is None]
+    plan = ["start_inference", *["infer"] * repeats, "end_inference", "start_training", *["train"] * repeats]
+    for command in plan:
+        for i in live:
+            if results[i] is None:
+                reply = workers[i].call(command)
+                if "error" in reply:
+                    results[i] = reply
+    for i in live:
+        if results[i] is None:
+            results[i] = workers[i].call("finish")
+        workers[i].close()
+    return results
 
 
 def _mb(n: float | None) -> str:
@@ -212,7 +357,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _table(rows: list[dict], matmul: float) -> list[str]:
+def _table(rows: list[dict], matmul: dict[str, float]) -> list[str]:
     """One markdown table: our row, then each peer with ours/peer ratios (time and peak memory)."""
     lines = [
         "| workload | arch | library | params | train step | inference | train peak MB | infer peak MB "
@@ -227,8 +372,9 @@ def _table(rows: list[dict], matmul: float) -> list[str]:
                          "| | | | | | | | | |")  # fmt: skip
             continue
         util = "-"
-        if res.get("train_flops") and res.get("train_s") and matmul:
-            util = f"{res['train_flops'] / res['train_s'] / 1e9 / matmul:.0%}"
+        rate = matmul.get(r["workload"])
+        if res.get("train_flops") and res.get("train_s") and rate:
+            util = f"{res['train_flops'] / res['train_s'] / 1e9 / rate:.0%}"
         ratios = ["", "", "", ""]
         if r["library"] != "ours":
             ours = by_key.get((r["workload"], r["arch"], "ours"), {}).get("result", {})
@@ -279,14 +425,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--libraries", default=",".join(LIBRARIES), help=f"comma-separated subset of {LIBRARIES}")
     parser.add_argument("--repeats", type=int, help="timed repeats per phase (default: per workload)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per subprocess")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per subprocess step")
     parser.add_argument("--skip-scaling", action="store_true", help="skip the long-input memory check")
     parser.add_argument("--skip-compile", action="store_true", help="skip the torch.compile check (--quick skips it)")
     parser.add_argument("--output", type=Path, help="markdown report (default: benchmarks/RESULTS.md, not for --quick)")
     parser.add_argument("--json", type=Path, help="also save the raw results as JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.serve:
+        _serve(json.loads(args.serve))
+        return
     if args.worker:
         result = _worker(json.loads(args.worker))
         print(RESULT_PREFIX + json.dumps(result), flush=True)
@@ -319,22 +469,26 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# fp32 matmul 2048x2048: {matmul[0]:.0f} GFLOP/s", flush=True)
 
     rows = []
+    matmul_by_workload: dict[str, float] = {}
     for wname, workload in workloads.items():
+        keys = []
         for aname in architectures:
-            for library in libraries:
-                if aname not in peer_of[library]:
-                    continue
-                if aname != "gelu" and not any(aname in peer_of[lib] for lib in libraries if lib != "ours"):
-                    continue  # our model in an architecture that no requested peer uses
-                spec = base | {"kind": "measure", "library": library, "arch": aname,
-                               "workload": asdict(workload), "repeats": args.repeats}  # fmt: skip
-                result = _run_subprocess(spec, args.timeout)
-                rows.append({"workload": wname, "arch": aname, "library": library, "result": result})
-                summary = result.get("error") or result.get("skipped") or (
-                    f"train {_seconds(result['train_s'])}, infer {_seconds(result['infer_s'])}, "
-                    f"train peak {_mb(result['train_peak_bytes'])} MB"
-                )
-                print(f"{wname:>14} {aname:>5} {library:>12}: {summary}", flush=True)
+            if aname != "gelu" and not any(aname in peer_of[lib] for lib in libraries if lib != "ours"):
+                continue  # our model in an architecture that no requested peer uses
+            keys += [(aname, library) for library in libraries if aname in peer_of[library]]
+        specs = [base | {"library": library, "arch": aname, "workload": asdict(workload)} for aname, library in keys]
+        *results, probe = _measure_side_by_side(
+            [*specs, base | {"library": MATMUL_PROBE}], args.repeats or workload.repeats, args.timeout
+        )
+        matmul_by_workload[wname] = probe.get("matmul_gflops", 0.0)
+        print(f"{wname:>14} fp32 matmul: {matmul_by_workload[wname]:.0f} GFLOP/s (best while it ran)", flush=True)
+        for (aname, library), result in zip(keys, results, strict=True):
+            rows.append({"workload": wname, "arch": aname, "library": library, "result": result})
+            summary = result.get("error") or result.get("skipped") or (
+                f"train {_seconds(result['train_s'])}, infer {_seconds(result['infer_s'])}, "
+                f"train peak {_mb(result['train_peak_bytes'])} MB"
+            )
+            print(f"{wname:>14} {aname:>5} {library:>12}: {summary}", flush=True)
 
     extra: list[str] = []
     raw: dict = {"rows": rows}
@@ -405,7 +559,6 @@ def main(argv: list[str] | None = None) -> None:
             print(line, flush=True)
 
     matmul.append(_run_subprocess(base | {"kind": "matmul"}, 120).get("matmul_gflops", 0.0))
-    peak = max(matmul)
     elapsed = time.time() - started
 
     command = "python benchmarks/run.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
@@ -417,7 +570,9 @@ def main(argv: list[str] | None = None) -> None:
         f"Hardware: {hardware['cpu']}, {hardware['cores']} cores, {args.threads} torch threads, fp32; load average "
         f"at start {hardware['load_average'][0]:.1f} (the machine is shared, so absolute times are noisy; the "
         "ratios come from runs taken side by side). fp32 matmul 2048x2048: "
-        f"{' / '.join(f'{m:.0f}' for m in matmul)} GFLOP/s (start / end; FLOP utilisation uses {peak:.0f}).",
+        f"{' / '.join(f'{m:.0f}' for m in matmul)} GFLOP/s at the start / end; the FLOP utilisation of a workload "
+        "uses the best rate sampled between its steps ("
+        + ", ".join(f"{k} {v:.0f}" for k, v in matmul_by_workload.items()) + " GFLOP/s).",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in _versions().items()),
         "",
@@ -430,7 +585,7 @@ def main(argv: list[str] | None = None) -> None:
         "FLOP utilisation = executed FLOPs of a training step / step time / fp32 matmul rate. "
         "`ours/peer` < 1: ours is faster or smaller.",
         "",
-        *_table(rows, peak),
+        *_table(rows, matmul_by_workload),
         "",
         f"Targets (ours/peer over every peer; training time <= {TARGET_TRAIN_RATIO}, memory <= 1.0):",
         "",
@@ -448,7 +603,8 @@ def main(argv: list[str] | None = None) -> None:
         output.write_text(text)
         print(f"wrote {output}")
     if args.json:
-        args.json.write_text(json.dumps(raw | {"matmul_gflops": matmul, "hardware": hardware}, indent=1))
+        raw |= {"matmul_gflops": matmul, "matmul_by_workload": matmul_by_workload, "hardware": hardware}
+        args.json.write_text(json.dumps(raw, indent=1))
 
 
 if __name__ == "__main__":

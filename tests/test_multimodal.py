@@ -548,3 +548,29 @@ def test_trainer_trains_the_multimodal_classifier(tmp_path: Path, pairs) -> None
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits)
+
+
+def test_multimodal_script_reports_every_condition(tmp_path: Path) -> None:
+    """The example script on the shipped pairs: trains with modality dropout, evaluates with both modalities
+    and each one missing, and saves a model and processor that load through the Auto classes."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "run_multimodal_classification.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(script.parents[1]), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    args = [
+        "--max_steps", "3", "--batch_size", "8", "--modality_dropout", "0.3", "--num_latents", "4",
+        "--d_latents", "16", "--num_heads", "2", "--num_self_attention_layers_per_block", "1",
+        "--output_dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    result = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert set(results) == {"image+audio", "image_only", "audio_only"}
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in results.values())
+    model = AutoModelForMultimodalClassification.from_pretrained(tmp_path / "run")
+    processor = AutoProcessor.from_pretrained(tmp_path / "run")
+    assert model.modality_names == ["image", "audio"]
+    assert processor.modality_names == {"image": "image", "audio": "audio"}
