@@ -41,7 +41,7 @@ def test_padding_truncation_and_special_tokens_mask(wordpiece_tokenizer) -> None
     assert batch["input_ids"][1][-1] == wordpiece_tokenizer.pad_token_id
     # 1 on [CLS], [SEP] and padding, 0 on the word pieces of "short", which the collator may mask.
     ids, special = batch["input_ids"][1], batch["special_tokens_mask"][1]
-    assert special == [0 if 4 < i else 1 for i in ids]
+    assert special == [0 if i > 4 else 1 for i in ids]
 
 
 def test_save_and_reload_with_auto_tokenizer(wordpiece_tokenizer, tmp_path: Path) -> None:
