@@ -8,7 +8,8 @@ minutes on 2 CPU cores), then prints fill-mask predictions for ``--predict_sampl
 On the full IMDb data, from local files (train + unsupervised to pretrain, test to validate):
 
     python examples/run_mlm.py --train_file imdb/train.parquet imdb/unsupervised.parquet \\
-        --validation_file imdb/test.parquet --max_steps 20000 --output_dir outputs/mlm-imdb
+        --validation_file imdb/test.parquet --max_seq_len 512 --dropout 0.1 --max_steps 20000 \\
+        --max_eval_samples 2000 --output_dir outputs/mlm-imdb
 
 or from the Hub with ``--dataset_name imdb``. The steps follow transformers'
 ``run_mlm_no_trainer.py``: train a WordPiece tokenizer on the training texts (unless
@@ -89,8 +90,9 @@ def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model.add_argument(
         "--max_seq_len",
         type=positive_int,
-        default=512,
-        help="Texts are truncated to this many tokens (incl. [CLS]/[SEP]).",
+        default=128,
+        help="Texts are truncated to this many tokens (incl. [CLS]/[SEP]); it is also the model's "
+        "max_position_embeddings. The default keeps the sample run short; use 512 on the full IMDb data.",
     )
     model.add_argument("--num_latents", type=positive_int, default=64, help="Number of latent vectors.")
     model.add_argument("--d_latents", type=positive_int, default=128, help="Channels of each latent vector.")
@@ -138,12 +140,15 @@ def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     mlm.add_argument("--top_k", type=positive_int, default=5, help="Number of fills shown per [MASK].")
 
-    # Defaults that train a small model on the shipped sample in a few minutes on 2 CPU cores.
+    # Defaults that train a small model on the shipped sample in a few minutes on 2 CPU cores. Measured on
+    # the sample: without dropout and on 128-token texts the model gets past predicting frequent words
+    # sooner (fills like "this", "movie" after ~1000 steps); longer texts and dropout need more steps.
     parser.set_defaults(
         output_dir="outputs/mlm",
         batch_size=16,
         learning_rate=1e-3,
-        max_steps=1000,
+        dropout=0.0,
+        max_steps=1500,
         eval_steps=250,
         logging_steps=25,
     )
