@@ -38,6 +38,7 @@ from common import (
     check_pretrained,
     compute_training_length,
     create_hub_repo,
+    encode_labels,
     evaluate_model,
     find_checkpoint,
     load_metric,
@@ -49,7 +50,6 @@ from common import (
     setup_accelerator,
     train,
 )
-from datasets import ClassLabel, DatasetDict
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase, pipeline
 
 # Importing perceiver_hf registers the perceiver_io model type with the Auto classes (and the pipelines).
@@ -127,39 +127,6 @@ def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.max_seq_len is not None and args.max_seq_len < 3:
         parser.error(f"argument --max_seq_len: must be >= 3 ([CLS], a token, [SEP]), got {args.max_seq_len}")
     return args
-
-
-def encode_labels(raw: DatasetDict, label_column: str) -> tuple[DatasetDict, list[str]]:
-    """Return the splits with integer class ids in `label_column`, and the class names (index = id).
-
-    A `ClassLabel` column gives its names; integer labels must be 0..K-1 (named "0".."K-1"); string labels
-    are numbered in sorted order. Rows labelled -1 (unlabelled, like IMDb's "unsupervised" split) are dropped.
-    """
-    for split, dataset in raw.items():
-        if label_column not in dataset.column_names:
-            raise ValueError(
-                f"--label_column {label_column!r} is not a column of the {split} data "
-                f"(columns: {', '.join(dataset.column_names)})"
-            )
-    feature = raw["train"].features[label_column]
-    if isinstance(feature, ClassLabel):
-        names = list(feature.names)
-    else:
-        values = sorted({v for split in raw.values() for v in split.unique(label_column)} - {-1})
-        if all(isinstance(v, str) for v in values):
-            names = values
-            ids = {name: i for i, name in enumerate(names)}
-            raw = raw.map(lambda batch: {label_column: [ids[v] for v in batch[label_column]]}, batched=True)
-        elif all(isinstance(v, int) for v in values) and values == list(range(len(values))):
-            names = [str(v) for v in values]
-        else:
-            raise ValueError(
-                f"--label_column {label_column!r} must hold class names or class ids 0..K-1, got values {values[:10]}"
-            )
-    if len(names) < 2:
-        raise ValueError(f"--label_column {label_column!r} must hold at least 2 classes, got {names}")
-    labelled = raw.filter(lambda batch: [v != -1 for v in batch[label_column]], batched=True)
-    return labelled, names
 
 
 def tokenizer_for(args: argparse.Namespace, checkpoint: Path | None) -> PreTrainedTokenizerBase:
