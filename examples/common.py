@@ -2,16 +2,22 @@
 
 A script keeps one linear ``main()`` and calls these helpers in this order:
 
-1. `build_parser` (+ its own argument group) and `parse_args`: the shared command-line options.
+1. `build_parser` (+ its own argument group) and `parse_args`: the shared command-line options. A script
+   that builds a classifier from scratch adds the layout options with `add_layout_arguments`.
 2. `setup_accelerator`: Accelerate, TensorBoard logging, seeding, output folder.
-3. `load_raw_datasets`: a Hub dataset, local files, or the script's shipped sample.
-4. `BatchSeededCollator` and `build_dataloader`: batches whose randomness (shuffling, masking)
-   depends only on the seed, the epoch and the batch index, which makes resumed runs exact.
-5. `build_optimizer`, `compute_training_length`, `build_scheduler`: AdamW and the LR schedule.
+3. `load_raw_datasets`: a Hub dataset, local files, or the script's shipped sample; `check_training_column`
+   and `encode_labels` check the columns and number the classes. The model's config then takes
+   ``**layout_config(args)`` and ``**label_config(class_names)``.
+4. `BatchSeededCollator` and `build_dataloaders` (or `build_dataloader`): batches whose randomness
+   (shuffling, masking) depends only on the seed, the epoch and the batch index, which makes resumed
+   runs exact.
+5. `prepare_training`: AdamW (`build_optimizer`), ``accelerator.prepare``, the run's length
+   (`compute_training_length`) and the LR schedule (`build_scheduler`), in the one order that works.
 6. `find_checkpoint` and `train`: the training loop with gradient accumulation, logging, a progress
-   bar, periodic evaluation (`evaluate_model`, `load_metric`) and checkpoints (`save_checkpoint`),
-   resuming from a checkpoint where asked.
-7. `save_model` and `push_to_hub` (after `create_hub_repo`).
+   bar, periodic evaluation (`accuracy_evaluator`, or `evaluate_model` with a `load_metric` metric) and
+   checkpoints (`save_checkpoint`), resuming from a checkpoint where asked.
+7. `save_model`, then `finish_run`: ``eval_results.json``, `push_to_hub` (to the repository made at the
+   start by `create_hub_repo`) and the end of the TensorBoard logs.
 
 Every helper takes the parsed `args` or plain values, so a new script reuses them without copying.
 """
@@ -48,23 +54,32 @@ from tqdm.auto import tqdm
 __all__ = [
     "EXAMPLES_DIR",
     "BatchSeededCollator",
+    "PreparedTraining",
     "ResumePoint",
     "TrainingLength",
+    "accuracy_evaluator",
+    "add_layout_arguments",
     "build_dataloader",
+    "build_dataloaders",
     "build_optimizer",
     "build_parser",
     "build_scheduler",
     "check_checkpoint_files",
     "check_pretrained",
+    "check_training_column",
     "compute_training_length",
     "create_hub_repo",
     "encode_labels",
     "evaluate_model",
     "find_checkpoint",
+    "finish_run",
+    "label_config",
+    "layout_config",
     "load_checkpoint",
     "load_metric",
     "load_raw_datasets",
     "parse_args",
+    "prepare_training",
     "push_to_hub",
     "save_checkpoint",
     "save_model",
@@ -403,6 +418,74 @@ def check_pretrained(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Classifiers built from scratch: layout options and labels
+# ----------------------------------------------------------------------------------------------------------
+
+
+def add_layout_arguments(group: argparse._ArgumentGroup) -> None:
+    """Add the options of the original Perceiver layout to a script's model `group`.
+
+    The layout: ``--num_layers`` cross-attention layers, each followed by a block of
+    ``--num_self_attention_layers_per_block`` self-attention layers; layer and block 1 have their own weights,
+    layers and blocks 2.. share one set. `layout_config` turns the options into `PerceiverConfig` fields. The
+    defaults here are placeholders: each script sets its own with ``parser.set_defaults`` (``-h`` shows them).
+    """
+    group.add_argument("--num_latents", type=positive_int, default=32, help="Number of latent vectors.")
+    group.add_argument("--d_latents", type=positive_int, default=128, help="Width of the latent vectors.")
+    group.add_argument(
+        "--num_layers",
+        type=positive_int,
+        default=1,
+        help="Cross-attention layers, each followed by a self-attention block; layer/block 1 has its own weights, "
+        "layers/blocks 2.. share one set (the original Perceiver).",
+    )
+    group.add_argument(
+        "--num_self_attention_layers_per_block", type=positive_int, default=4, help="Self-attention layers per block."
+    )
+    group.add_argument(
+        "--num_cross_attention_heads", type=positive_int, default=4, help="Encoder cross-attention heads."
+    )
+    group.add_argument("--num_self_attention_heads", type=positive_int, default=4, help="Self-attention heads.")
+    group.add_argument("--num_decoder_heads", type=positive_int, default=1, help="Decoder cross-attention heads.")
+    group.add_argument(
+        "--widening_factor", type=positive_int, default=1, help="MLP width as a multiple of the layer width."
+    )
+
+
+def layout_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The `PerceiverConfig` fields of the options added by `add_layout_arguments` (pass as ``**layout_config``)."""
+    return {
+        "num_latents": args.num_latents,
+        "d_latents": args.d_latents,
+        "num_cross_attention_layers": args.num_layers,
+        "num_self_attention_blocks": args.num_layers,
+        "num_self_attention_layers_per_block": args.num_self_attention_layers_per_block,
+        "first_cross_attention_layer_shared": False,
+        "first_self_attention_block_shared": False,
+        "num_cross_attention_heads": args.num_cross_attention_heads,
+        "num_self_attention_heads": args.num_self_attention_heads,
+        "cross_attention_widening_factor": args.widening_factor,
+        "self_attention_widening_factor": args.widening_factor,
+        "decoder_widening_factor": args.widening_factor,
+        "num_decoder_heads": args.num_decoder_heads,
+    }
+
+
+def label_config(names: Sequence[str]) -> dict[str, Any]:
+    """The config fields of a single-label classifier over the class `names` (index = class id), as
+    `encode_labels` returns them; pass as ``**label_config(names)`` to a config or to ``from_pretrained``.
+
+    ``id2label`` names the predictions of the pipelines; ``problem_type`` makes the loss a cross-entropy.
+    """
+    return {
+        "num_labels": len(names),
+        "id2label": dict(enumerate(names)),
+        "label2id": {name: i for i, name in enumerate(names)},
+        "problem_type": "single_label_classification",
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Accelerator and data
 # ----------------------------------------------------------------------------------------------------------
 
@@ -503,6 +586,16 @@ def split_and_limit(raw: DatasetDict, args: argparse.Namespace) -> DatasetDict:
         if limit is not None and limit < len(raw[split]):
             raw[split] = raw[split].shuffle(seed=args.seed).select(range(limit))
     return raw
+
+
+def check_training_column(raw: DatasetDict, option: str, column: str) -> None:
+    """Raise a `ValueError` naming `option` (e.g. ``--text_column``) when the training split has no `column`.
+
+    Called right after loading, so a wrong column name fails before tokenizing or decoding anything.
+    """
+    columns = raw["train"].column_names
+    if column not in columns:
+        raise ValueError(f"{option} {column!r} is not a column of the training data (columns: {', '.join(columns)})")
 
 
 def encode_labels(raw: DatasetDict, label_column: str) -> tuple[DatasetDict, list[str]]:
@@ -622,6 +715,26 @@ def build_dataloader(
     )
 
 
+def build_dataloaders(
+    splits: DatasetDict,
+    args: argparse.Namespace,
+    train_collator: Callable[[list[dict[str, Any]]], Any],
+    eval_collator: Callable[[list[dict[str, Any]]], Any] | None = None,
+) -> tuple[DataLoader, DataLoader]:
+    """The training loader (``splits["train"]``, shuffled, ``--batch_size``) and the validation loader
+    (``splits["validation"]``, in order, ``--eval_batch_size``), both seeded with ``--seed``.
+
+    `eval_collator` defaults to `train_collator`; give another one where training batches are augmented
+    or masked differently.
+    """
+    eval_collator = train_collator if eval_collator is None else eval_collator
+    train_dataloader = build_dataloader(splits["train"], train_collator, args.batch_size, shuffle=True, seed=args.seed)
+    eval_dataloader = build_dataloader(
+        splits["validation"], eval_collator, args.eval_batch_size, shuffle=False, seed=args.seed
+    )
+    return train_dataloader, eval_dataloader
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Optimizer and schedule
 # ----------------------------------------------------------------------------------------------------------
@@ -707,6 +820,46 @@ def build_scheduler(
         optimizer=optimizer,
         num_warmup_steps=warmup * num_processes,
         num_training_steps=max_steps * num_processes,
+    )
+
+
+@dataclass(frozen=True)
+class PreparedTraining:
+    """What `train` works on: the objects returned by ``accelerator.prepare``, and the run's length."""
+
+    model: nn.Module  # wrapped for the device and processes (``accelerator.unwrap_model`` gives it back)
+    optimizer: torch.optim.Optimizer  # AdamW from `build_optimizer`
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # from `build_scheduler`
+    train_dataloader: DataLoader  # yields this process's share of the training batches
+    eval_dataloaders: dict[str, DataLoader]  # the evaluation loaders, by the names they were given
+    length: TrainingLength
+
+
+def prepare_training(
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    model: nn.Module,
+    train_dataloader: DataLoader,
+    eval_dataloaders: Mapping[str, DataLoader],
+) -> PreparedTraining:
+    """Build AdamW for `model`, prepare everything with `accelerator`, size the run and build its LR schedule.
+
+    The order is forced: the optimizer is built from the model's parameters before ``prepare`` wraps the
+    model; the run's length (`compute_training_length`) counts the *prepared* training loader, which
+    holds one process's share of the batches; the schedule needs that length, so it is prepared last.
+    `eval_dataloaders` (e.g. ``{"validation": loader}``) are prepared in the same call, after the
+    training loader: a checkpoint stores the loaders' sampler states in that order, so keeping it keeps
+    older checkpoints resumable. From here on use the returned objects, not the unprepared ones passed in.
+    """
+    optimizer = build_optimizer(model, args)
+    names = list(eval_dataloaders)
+    model, optimizer, train_dataloader, *prepared_eval = accelerator.prepare(
+        model, optimizer, train_dataloader, *eval_dataloaders.values()
+    )
+    length = compute_training_length(args, len(train_dataloader))
+    scheduler = accelerator.prepare(build_scheduler(optimizer, args, length.max_steps, accelerator.num_processes))
+    return PreparedTraining(
+        model, optimizer, scheduler, train_dataloader, dict(zip(names, prepared_eval, strict=True)), length
     )
 
 
@@ -843,17 +996,13 @@ def load_checkpoint(
 def train(
     accelerator: Accelerator,
     args: argparse.Namespace,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    train_dataloader: DataLoader,
-    length: TrainingLength,
+    prepared: PreparedTraining,
     *,
     evaluate_fn: Callable[[int], dict[str, float]] | None = None,
     processor: Any | None = None,
     checkpoint: Path | None = None,
 ) -> dict[str, float]:
-    """Run the training loop on prepared objects and return the metrics of the final evaluation.
+    """Run the training loop on the objects of `prepare_training` and return the metrics of the final evaluation.
 
     Every ``--logging_steps`` the mean training loss and the learning rate go to TensorBoard; every
     ``--eval_steps`` (default: at the end of each epoch) and at the end, ``evaluate_fn(step)`` is called
@@ -861,6 +1010,8 @@ def train(
     with `processor`. With `checkpoint`, the run continues from it exactly: same data order, same masks,
     same dropout, as if it had never stopped.
     """
+    model, optimizer, scheduler = prepared.model, prepared.optimizer, prepared.scheduler
+    train_dataloader, length = prepared.train_dataloader, prepared.length
     start = ResumePoint()
     if checkpoint is not None:
         start = load_checkpoint(accelerator, checkpoint, length.steps_per_epoch, args.gradient_accumulation_steps)
@@ -1015,6 +1166,30 @@ def load_metric(name: str) -> evaluate.EvaluationModule:
     return evaluate.load(str(path), keep_in_memory=True)
 
 
+def accuracy_evaluator(
+    accelerator: Accelerator, model: nn.Module, dataloader: DataLoader
+) -> Callable[[int | None], dict[str, float]]:
+    """An ``evaluate_fn`` for `train`: ``{"loss", "accuracy"}`` of `model` on the prepared `dataloader`.
+
+    The accuracy compares ``outputs.logits.argmax(-1)`` with ``batch["labels"]``: one class per example
+    (``(B, K)`` logits, ``(B,)`` labels), or one per token (``(B, L, V)`` and ``(B, L)``, where labels of
+    -100, the positions a masked LM does not predict, are left out). The metric is loaded once, here;
+    the returned function ignores the step that `train` passes it.
+    """
+    accuracy = load_metric("accuracy")
+
+    def evaluate_fn(step: int | None = None) -> dict[str, float]:
+        return evaluate_model(
+            accelerator,
+            model,
+            dataloader,
+            metric=accuracy,
+            predictions_fn=lambda batch, outputs: (outputs.logits.argmax(dim=-1), batch["labels"]),
+        )
+
+    return evaluate_fn
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Saving and sharing
 # ----------------------------------------------------------------------------------------------------------
@@ -1065,3 +1240,19 @@ def push_to_hub(
         ignore_patterns=list(ignore_patterns),
     )
     logger.info(f"Pushed {args.output_dir} to https://huggingface.co/{repo_id}")
+
+
+def finish_run(
+    accelerator: Accelerator, args: argparse.Namespace, results: Mapping[str, Any], hub_repo_id: str | None
+) -> None:
+    """End a run whose model is saved: write `results` to ``<output_dir>/eval_results.json``, upload
+    ``--output_dir`` with ``--push_to_hub``, and close the TensorBoard logs.
+
+    `results` is what the script reports, usually `train`'s final metrics (``{"loss": ..., "accuracy":
+    ...}``) or one such dict per evaluation condition. Only the main process writes and uploads, but every
+    process calls this: ``end_training`` also ends the process group of a distributed run.
+    """
+    if accelerator.is_main_process:
+        (Path(args.output_dir) / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    push_to_hub(accelerator, args, hub_repo_id)
+    accelerator.end_training()

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,23 +36,23 @@ import torch
 from common import (
     EXAMPLES_DIR,
     BatchSeededCollator,
-    build_dataloader,
-    build_optimizer,
+    accuracy_evaluator,
+    add_layout_arguments,
+    build_dataloaders,
     build_parser,
-    build_scheduler,
-    compute_training_length,
     create_hub_repo,
     encode_labels,
-    evaluate_model,
     find_checkpoint,
-    load_metric,
+    finish_run,
+    label_config,
+    layout_config,
     load_raw_datasets,
     non_negative_float,
     non_negative_int,
     parse_args,
     positive_float,
     positive_int,
-    push_to_hub,
+    prepare_training,
     save_model,
     setup_accelerator,
     train,
@@ -121,26 +119,7 @@ def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Width of a linear projection of each patch's features (default: none).",
     )
     model.add_argument("--num_frequency_bands", type=positive_int, default=32, help="Fourier bands of the time axis.")
-    model.add_argument("--num_latents", type=positive_int, default=32, help="Number of latent vectors.")
-    model.add_argument("--d_latents", type=positive_int, default=64, help="Width of the latent vectors.")
-    model.add_argument(
-        "--num_layers",
-        type=positive_int,
-        default=1,
-        help="Cross-attention layers, each followed by a self-attention block; layer/block 1 has its own weights, "
-        "layers/blocks 2.. share one set (the original Perceiver).",
-    )
-    model.add_argument(
-        "--num_self_attention_layers_per_block", type=positive_int, default=4, help="Self-attention layers per block."
-    )
-    model.add_argument(
-        "--num_cross_attention_heads", type=positive_int, default=8, help="Encoder cross-attention heads."
-    )
-    model.add_argument("--num_self_attention_heads", type=positive_int, default=4, help="Self-attention heads.")
-    model.add_argument("--num_decoder_heads", type=positive_int, default=1, help="Decoder cross-attention heads.")
-    model.add_argument(
-        "--widening_factor", type=positive_int, default=2, help="MLP width as a multiple of the layer width."
-    )
+    add_layout_arguments(model)
     model.add_argument("--hidden_act", choices=("gelu", "geglu"), default="gelu", help="MLP activation.")
     model.add_argument(
         "--initializer_range",
@@ -161,6 +140,11 @@ def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
 
     parser.set_defaults(
+        d_latents=64,
+        num_layers=1,
+        num_self_attention_layers_per_block=4,
+        num_cross_attention_heads=8,
+        widening_factor=2,
         output_dir="outputs/audio-classification",
         batch_size=32,
         learning_rate=3e-3,
@@ -213,25 +197,10 @@ def build_config(args: argparse.Namespace, names: list[str]) -> PerceiverConfig:
         audio_preprocessing=args.audio_preprocessing,
         audio_projection_channels=args.audio_projection_channels,
         num_frequency_bands=args.num_frequency_bands,
-        num_latents=args.num_latents,
-        d_latents=args.d_latents,
-        num_cross_attention_layers=args.num_layers,
-        num_self_attention_blocks=args.num_layers,
-        num_self_attention_layers_per_block=args.num_self_attention_layers_per_block,
-        first_cross_attention_layer_shared=False,
-        first_self_attention_block_shared=False,
-        num_cross_attention_heads=args.num_cross_attention_heads,
-        num_self_attention_heads=args.num_self_attention_heads,
-        cross_attention_widening_factor=args.widening_factor,
-        self_attention_widening_factor=args.widening_factor,
-        decoder_widening_factor=args.widening_factor,
-        num_decoder_heads=args.num_decoder_heads,
+        **layout_config(args),
         hidden_act=args.hidden_act,
         dropout=args.dropout,
-        num_labels=len(names),
-        id2label=dict(enumerate(names)),
-        label2id={name: i for i, name in enumerate(names)},
-        problem_type="single_label_classification",
+        **label_config(names),
         initializer_range=args.initializer_range,
         attn_implementation=args.attn_implementation,
     )
@@ -307,52 +276,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     train_collator = BatchSeededCollator(AudioCollator(feature_extractor, args, augment=args.augment), seed=args.seed)
     eval_collator = AudioCollator(feature_extractor, args)
-    train_dataloader = build_dataloader(
-        raw_datasets["train"], train_collator, args.batch_size, shuffle=True, seed=args.seed
-    )
-    eval_dataloader = build_dataloader(
-        raw_datasets["validation"], eval_collator, args.eval_batch_size, shuffle=False, seed=args.seed
-    )
+    train_dataloader, eval_dataloader = build_dataloaders(raw_datasets, args, train_collator, eval_collator)
 
-    # ------------------------------------------------------------------ optimizer, schedule
-    optimizer = build_optimizer(model, args)
-    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader
-    )
-    length = compute_training_length(args, len(train_dataloader))
-    scheduler = accelerator.prepare(build_scheduler(optimizer, args, length.max_steps, accelerator.num_processes))
-
-    # ------------------------------------------------------------------ training
-    accuracy = load_metric("accuracy")
-
-    def evaluate_fn(step: int) -> dict[str, float]:
-        return evaluate_model(
-            accelerator,
-            model,
-            eval_dataloader,
-            metric=accuracy,
-            predictions_fn=lambda batch, outputs: (outputs.logits.argmax(dim=-1), batch["labels"]),
-        )
-
+    # ------------------------------------------------------------------ optimizer, schedule, training
+    prepared = prepare_training(accelerator, args, model, train_dataloader, {"validation": eval_dataloader})
+    evaluate_fn = accuracy_evaluator(accelerator, prepared.model, prepared.eval_dataloaders["validation"])
     metrics = train(
-        accelerator,
-        args,
-        model,
-        optimizer,
-        scheduler,
-        train_dataloader,
-        length,
-        evaluate_fn=evaluate_fn,
-        processor=feature_extractor,
-        checkpoint=checkpoint,
+        accelerator, args, prepared, evaluate_fn=evaluate_fn, processor=feature_extractor, checkpoint=checkpoint
     )
 
     # ------------------------------------------------------------------ save, share, show
-    save_model(accelerator, model, args.output_dir, feature_extractor)
-    if accelerator.is_main_process:
-        (Path(args.output_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    push_to_hub(accelerator, args, hub_repo_id)
-    accelerator.end_training()
+    save_model(accelerator, prepared.model, args.output_dir, feature_extractor)
+    finish_run(accelerator, args, metrics, hub_repo_id)
 
     if accelerator.is_main_process:
         print(f"\nValidation: loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.4f}")

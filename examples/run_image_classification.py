@@ -38,22 +38,23 @@ import torch.nn.functional as F
 from common import (
     EXAMPLES_DIR,
     BatchSeededCollator,
-    build_dataloader,
-    build_optimizer,
+    accuracy_evaluator,
+    add_layout_arguments,
+    build_dataloaders,
     build_parser,
-    build_scheduler,
-    compute_training_length,
+    check_training_column,
     create_hub_repo,
     encode_labels,
-    evaluate_model,
     find_checkpoint,
-    load_metric,
+    finish_run,
+    label_config,
+    layout_config,
     load_raw_datasets,
     non_negative_float,
     non_negative_int,
     parse_args,
     positive_int,
-    push_to_hub,
+    prepare_training,
     save_model,
     setup_accelerator,
     split_and_limit,
@@ -160,26 +161,7 @@ def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model.add_argument(
         "--image_position_encoding", choices=("fourier", "learned"), default="fourier", help="Position features."
     )
-    model.add_argument("--num_latents", type=positive_int, default=32, help="Number of latent vectors.")
-    model.add_argument("--d_latents", type=positive_int, default=128, help="Width of the latent vectors.")
-    model.add_argument(
-        "--num_layers",
-        type=positive_int,
-        default=3,
-        help="Cross-attention layers, each followed by a self-attention block; layer/block 1 has its own weights, "
-        "layers/blocks 2.. share one set (the original Perceiver).",
-    )
-    model.add_argument(
-        "--num_self_attention_layers_per_block", type=positive_int, default=3, help="Self-attention layers per block."
-    )
-    model.add_argument(
-        "--num_cross_attention_heads", type=positive_int, default=4, help="Encoder cross-attention heads."
-    )
-    model.add_argument("--num_self_attention_heads", type=positive_int, default=4, help="Self-attention heads.")
-    model.add_argument("--num_decoder_heads", type=positive_int, default=1, help="Decoder cross-attention heads.")
-    model.add_argument(
-        "--widening_factor", type=positive_int, default=1, help="MLP width as a multiple of the layer width."
-    )
+    add_layout_arguments(model)
     model.add_argument(
         "--initializer_range",
         type=non_negative_float,
@@ -197,8 +179,14 @@ def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Number of validation images the saved model classifies at the end with pipeline('image-classification').",
     )
 
-    # Defaults for a small classifier trained from scratch (no dropout, light weight decay).
+    # Defaults for a small classifier trained from scratch (no dropout, light weight decay), and the layout of
+    # the original project's MNIST classifier.
     parser.set_defaults(
+        d_latents=128,
+        num_layers=3,
+        num_self_attention_layers_per_block=3,
+        num_cross_attention_heads=4,
+        widening_factor=1,
         output_dir="outputs/image-classification",
         batch_size=64,
         learning_rate=1e-3,
@@ -240,25 +228,10 @@ def build_config(args: argparse.Namespace, names: list[str]) -> PerceiverConfig:
         image_preprocessing=args.image_preprocessing,
         spatial_downsample=args.spatial_downsample,
         image_projection_channels=args.image_projection_channels,
-        num_latents=args.num_latents,
-        d_latents=args.d_latents,
-        num_cross_attention_layers=args.num_layers,
-        num_self_attention_blocks=args.num_layers,
-        num_self_attention_layers_per_block=args.num_self_attention_layers_per_block,
-        first_cross_attention_layer_shared=False,
-        first_self_attention_block_shared=False,
-        num_cross_attention_heads=args.num_cross_attention_heads,
-        num_self_attention_heads=args.num_self_attention_heads,
-        cross_attention_widening_factor=args.widening_factor,
-        self_attention_widening_factor=args.widening_factor,
-        decoder_widening_factor=args.widening_factor,
-        num_decoder_heads=args.num_decoder_heads,
+        **layout_config(args),
         num_output_queries=1,
         dropout=args.dropout,
-        num_labels=len(names),
-        id2label=dict(enumerate(names)),
-        label2id={name: i for i, name in enumerate(names)},
-        problem_type="single_label_classification",
+        **label_config(names),
         initializer_range=args.initializer_range,
         attn_implementation=args.attn_implementation,
     )
@@ -374,11 +347,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # ------------------------------------------------------------------ data
     raw_datasets = load_images(args)
-    if args.image_column not in raw_datasets["train"].column_names:
-        raise ValueError(
-            f"--image_column {args.image_column!r} is not a column of the training data "
-            f"(columns: {', '.join(raw_datasets['train'].column_names)})"
-        )
+    check_training_column(raw_datasets, "--image_column", args.image_column)
     if not isinstance(raw_datasets["train"].features[args.image_column], Image):
         # Paths or encoded bytes (e.g. a csv of file names): decode them as images.
         raw_datasets = raw_datasets.cast_column(args.image_column, Image())
@@ -402,57 +371,20 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     train_collator = BatchSeededCollator(ImageCollator(processor, args, augment=args.augment), seed=args.seed)
     eval_collator = ImageCollator(processor, args)
-    train_dataloader = build_dataloader(
-        raw_datasets["train"], train_collator, args.batch_size, shuffle=True, seed=args.seed
-    )
-    eval_dataloader = build_dataloader(
-        raw_datasets["validation"], eval_collator, args.eval_batch_size, shuffle=False, seed=args.seed
-    )
+    train_dataloader, eval_dataloader = build_dataloaders(raw_datasets, args, train_collator, eval_collator)
 
-    # ------------------------------------------------------------------ optimizer, schedule
-    optimizer = build_optimizer(model, args)
-    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader
-    )
-    # The schedule's length depends on the prepared (per-process) data loader, so it is built after.
-    length = compute_training_length(args, len(train_dataloader))
-    scheduler = accelerator.prepare(build_scheduler(optimizer, args, length.max_steps, accelerator.num_processes))
-
-    # ------------------------------------------------------------------ training
-    accuracy = load_metric("accuracy")
-
-    def evaluate_fn(step: int) -> dict[str, float]:
-        return evaluate_model(
-            accelerator,
-            model,
-            eval_dataloader,
-            metric=accuracy,
-            predictions_fn=lambda batch, outputs: (outputs.logits.argmax(dim=-1), batch["labels"]),
-        )
-
-    metrics = train(
-        accelerator,
-        args,
-        model,
-        optimizer,
-        scheduler,
-        train_dataloader,
-        length,
-        evaluate_fn=evaluate_fn,
-        processor=processor,
-        checkpoint=checkpoint,
-    )
+    # ------------------------------------------------------------------ optimizer, schedule, training
+    prepared = prepare_training(accelerator, args, model, train_dataloader, {"validation": eval_dataloader})
+    evaluate_fn = accuracy_evaluator(accelerator, prepared.model, prepared.eval_dataloaders["validation"])
+    metrics = train(accelerator, args, prepared, evaluate_fn=evaluate_fn, processor=processor, checkpoint=checkpoint)
 
     # ------------------------------------------------------------------ save, share, show
     if args.model_api == "hf":
-        save_model(accelerator, model, args.output_dir, processor)
+        save_model(accelerator, prepared.model, args.output_dir, processor)
     elif accelerator.is_main_process:
-        accelerator.unwrap_model(model).save(args.output_dir, config.id2label)
+        accelerator.unwrap_model(prepared.model).save(args.output_dir, config.id2label)
         processor.save_pretrained(args.output_dir)
-    if accelerator.is_main_process:
-        (Path(args.output_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    push_to_hub(accelerator, args, hub_repo_id)
-    accelerator.end_training()
+    finish_run(accelerator, args, metrics, hub_repo_id)
 
     if accelerator.is_main_process:
         print(f"\nValidation: loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.4f}")

@@ -24,31 +24,27 @@ stop and continue exactly.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast_object_list
 from common import (
     EXAMPLES_DIR,
     BatchSeededCollator,
-    build_dataloader,
-    build_optimizer,
+    accuracy_evaluator,
+    build_dataloaders,
     build_parser,
-    build_scheduler,
     check_pretrained,
-    compute_training_length,
+    check_training_column,
     create_hub_repo,
-    evaluate_model,
     find_checkpoint,
-    load_metric,
+    finish_run,
     load_raw_datasets,
     parse_args,
     positive_int,
+    prepare_training,
     probability,
-    push_to_hub,
     save_model,
     setup_accelerator,
     train,
@@ -179,11 +175,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # ------------------------------------------------------------------ data
     raw_datasets = load_raw_datasets(args, default_data_files=SAMPLE_DATA_FILES, hub_splits=HUB_SPLITS)
-    if args.text_column not in raw_datasets["train"].column_names:
-        raise ValueError(
-            f"--text_column {args.text_column!r} is not a column of the training data "
-            f"(columns: {', '.join(raw_datasets['train'].column_names)})"
-        )
+    check_training_column(raw_datasets, "--text_column", args.text_column)
     accelerator.print(raw_datasets)
 
     # ------------------------------------------------------------------ tokenizer
@@ -224,19 +216,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # Masks are drawn per batch from (seed, epoch, batch index): see BatchSeededCollator.
     masking = DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability, pad_to_multiple_of=8)
-    train_dataloader = build_dataloader(
-        tokenized["train"],
-        BatchSeededCollator(masking, args.seed),
-        args.batch_size,
-        shuffle=True,
-        seed=args.seed,
-    )
-    eval_dataloader = build_dataloader(
-        tokenized["validation"],
-        BatchSeededCollator(masking, args.seed + 1),
-        args.eval_batch_size,
-        shuffle=False,
-        seed=args.seed,
+    train_dataloader, eval_dataloader = build_dataloaders(
+        tokenized, args, BatchSeededCollator(masking, args.seed), BatchSeededCollator(masking, args.seed + 1)
     )
 
     # ------------------------------------------------------------------ model
@@ -268,52 +249,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         model = PerceiverForMaskedLM(config)
     accelerator.print(f"Model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
-    # ------------------------------------------------------------------ optimizer, schedule
-    optimizer = build_optimizer(model, args)
-    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader
-    )
-    # The schedule's length depends on the prepared (per-process) data loader, so it is built after.
-    length = compute_training_length(args, len(train_dataloader))
-    scheduler = accelerator.prepare(build_scheduler(optimizer, args, length.max_steps, accelerator.num_processes))
-
-    # ------------------------------------------------------------------ training
-    accuracy = load_metric("accuracy")
+    # ------------------------------------------------------------------ optimizer, schedule, training
+    prepared = prepare_training(accelerator, args, model, train_dataloader, {"validation": eval_dataloader})
+    # Accuracy of the predictions at the masked positions (labels -100 elsewhere are left out).
+    evaluate_accuracy = accuracy_evaluator(accelerator, prepared.model, prepared.eval_dataloaders["validation"])
 
     def evaluate_fn(step: int) -> dict[str, float]:
-        results = evaluate_model(
-            accelerator,
-            model,
-            eval_dataloader,
-            metric=accuracy,
-            # Accuracy of the predictions at the masked positions (labels -100 elsewhere are left out).
-            predictions_fn=lambda batch, outputs: (outputs.logits.argmax(dim=-1), batch["labels"]),
-        )
+        results = evaluate_accuracy(step)
         results["perplexity"] = math.exp(min(results["loss"], 50.0))
-        fills = fill_masks(accelerator.unwrap_model(model), tokenizer, args.predict_samples, args.top_k)
+        fills = fill_masks(accelerator.unwrap_model(prepared.model), tokenizer, args.predict_samples, args.top_k)
         # Two trailing spaces make TensorBoard's markdown break the line.
         accelerator.log({"eval/predictions": "  \n".join(fills)}, step=step)
         return results
 
-    metrics = train(
-        accelerator,
-        args,
-        model,
-        optimizer,
-        scheduler,
-        train_dataloader,
-        length,
-        evaluate_fn=evaluate_fn,
-        processor=tokenizer,
-        checkpoint=checkpoint,
-    )
+    metrics = train(accelerator, args, prepared, evaluate_fn=evaluate_fn, processor=tokenizer, checkpoint=checkpoint)
 
     # ------------------------------------------------------------------ save, share, show
-    save_model(accelerator, model, args.output_dir, tokenizer)
-    if accelerator.is_main_process:
-        (Path(args.output_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    push_to_hub(accelerator, args, hub_repo_id)
-    accelerator.end_training()
+    save_model(accelerator, prepared.model, args.output_dir, tokenizer)
+    finish_run(accelerator, args, metrics, hub_repo_id)
 
     if accelerator.is_main_process:
         # Load the saved model the way users will, to show that it works end to end.

@@ -23,7 +23,6 @@ with ``AutoModelForMultimodalClassification`` and ``AutoProcessor`` after ``impo
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,21 +33,19 @@ import torch
 from common import (
     EXAMPLES_DIR,
     BatchSeededCollator,
+    accuracy_evaluator,
     build_dataloader,
-    build_optimizer,
     build_parser,
-    build_scheduler,
-    compute_training_length,
     create_hub_repo,
     encode_labels,
-    evaluate_model,
     find_checkpoint,
-    load_metric,
+    finish_run,
+    label_config,
     load_raw_datasets,
     parse_args,
     positive_int,
+    prepare_training,
     probability,
-    push_to_hub,
     save_model,
     setup_accelerator,
     split_and_limit,
@@ -213,10 +210,7 @@ def build_config(args: argparse.Namespace, names: list[str]) -> PerceiverConfig:
         hidden_act=args.hidden_act,
         dropout=args.dropout,
         initializer_range=args.initializer_range,
-        num_labels=len(names),
-        id2label=dict(enumerate(names)),
-        label2id={name: i for i, name in enumerate(names)},
-        problem_type="single_label_classification",
+        **label_config(names),
     )
 
 
@@ -295,48 +289,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name, present in conditions.items()
     }  # fmt: skip
 
-    # ------------------------------------------------------------------ optimizer, schedule
-    optimizer = build_optimizer(model, args)
-    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
-    eval_dataloaders = {name: accelerator.prepare(loader) for name, loader in eval_dataloaders.items()}
-    length = compute_training_length(args, len(train_dataloader))
-    scheduler = accelerator.prepare(build_scheduler(optimizer, args, length.max_steps, accelerator.num_processes))
-
-    # ------------------------------------------------------------------ training
-    accuracy = load_metric("accuracy")
+    # ------------------------------------------------------------------ optimizer, schedule, training
+    prepared = prepare_training(accelerator, args, model, train_dataloader, eval_dataloaders)
+    evaluators = {
+        name: accuracy_evaluator(accelerator, prepared.model, loader)
+        for name, loader in prepared.eval_dataloaders.items()
+    }
+    # Training evaluates the first condition (the modalities the model was trained on); the others come at the end.
     main_condition = next(iter(conditions))
-
-    def evaluate_condition(name: str) -> dict[str, float]:
-        return evaluate_model(
-            accelerator,
-            model,
-            eval_dataloaders[name],
-            metric=accuracy,
-            predictions_fn=lambda batch, outputs: (outputs.logits.argmax(dim=-1), batch["labels"]),
-        )
-
     metrics = train(
-        accelerator,
-        args,
-        model,
-        optimizer,
-        scheduler,
-        train_dataloader,
-        length,
-        evaluate_fn=lambda step: evaluate_condition(main_condition),
-        processor=processor,
-        checkpoint=checkpoint,
+        accelerator, args, prepared, evaluate_fn=evaluators[main_condition], processor=processor, checkpoint=checkpoint
     )
     results = {main_condition: metrics}
     for name in list(conditions)[1:]:
-        results[name] = evaluate_condition(name)
+        results[name] = evaluators[name]()
 
     # ------------------------------------------------------------------ save, share, show
-    save_model(accelerator, model, args.output_dir, processor)
-    if accelerator.is_main_process:
-        (Path(args.output_dir) / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    push_to_hub(accelerator, args, hub_repo_id)
-    accelerator.end_training()
+    save_model(accelerator, prepared.model, args.output_dir, processor)
+    finish_run(accelerator, args, results, hub_repo_id)
     if accelerator.is_main_process:
         print("\nValidation accuracy:")
         for name, result in results.items():

@@ -25,27 +25,25 @@ with ``tensorboard --logdir <output_dir>/runs``; ``--checkpointing_steps`` and
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from common import (
     EXAMPLES_DIR,
-    build_dataloader,
-    build_optimizer,
+    accuracy_evaluator,
+    build_dataloaders,
     build_parser,
-    build_scheduler,
     check_pretrained,
-    compute_training_length,
+    check_training_column,
     create_hub_repo,
     encode_labels,
-    evaluate_model,
     find_checkpoint,
-    load_metric,
+    finish_run,
+    label_config,
     load_raw_datasets,
     parse_args,
     positive_int,
-    push_to_hub,
+    prepare_training,
     save_model,
     setup_accelerator,
     train,
@@ -149,12 +147,7 @@ def load_model(args: argparse.Namespace, names: list[str]) -> PerceiverForSequen
         # transformers reports the classification decoder's weights as newly initialised and the masked-LM
         # decoder's as unused: the text adapter and encoder are the only weights carried over.
         return PerceiverForSequenceClassification.from_pretrained(
-            args.mlm_checkpoint,
-            num_labels=len(names),
-            id2label=dict(enumerate(names)),
-            label2id={name: i for i, name in enumerate(names)},
-            problem_type="single_label_classification",
-            **overrides,
+            args.mlm_checkpoint, **label_config(names), **overrides
         )
     model = PerceiverForSequenceClassification.from_pretrained(args.clf_checkpoint, **overrides)
     checkpoint_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -178,11 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # ------------------------------------------------------------------ data
     raw_datasets = load_raw_datasets(args, default_data_files=SAMPLE_DATA_FILES, hub_splits=HUB_SPLITS)
-    if args.text_column not in raw_datasets["train"].column_names:
-        raise ValueError(
-            f"--text_column {args.text_column!r} is not a column of the training data "
-            f"(columns: {', '.join(raw_datasets['train'].column_names)})"
-        )
+    check_training_column(raw_datasets, "--text_column", args.text_column)
     raw_datasets, label_names = encode_labels(raw_datasets, args.label_column)
     accelerator.print(raw_datasets)
     accelerator.print(f"Classes: {label_names}")
@@ -212,52 +201,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # Padding to a multiple of 8 suits tensor cores, but must not pad beyond --max_seq_len.
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if args.max_seq_len % 8 == 0 else None)
-    train_dataloader = build_dataloader(tokenized["train"], collator, args.batch_size, shuffle=True, seed=args.seed)
-    eval_dataloader = build_dataloader(
-        tokenized["validation"], collator, args.eval_batch_size, shuffle=False, seed=args.seed
-    )
+    train_dataloader, eval_dataloader = build_dataloaders(tokenized, args, collator)
 
-    # ------------------------------------------------------------------ optimizer, schedule
+    # ------------------------------------------------------------------ optimizer, schedule, training
     # Only trainable weights enter the optimizer: with a frozen encoder, AdamW never sees its weights.
-    optimizer = build_optimizer(model, args)
-    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader
-    )
-    # The schedule's length depends on the prepared (per-process) data loader, so it is built after.
-    length = compute_training_length(args, len(train_dataloader))
-    scheduler = accelerator.prepare(build_scheduler(optimizer, args, length.max_steps, accelerator.num_processes))
-
-    # ------------------------------------------------------------------ training
-    accuracy = load_metric("accuracy")
-
-    def evaluate_fn(step: int) -> dict[str, float]:
-        return evaluate_model(
-            accelerator,
-            model,
-            eval_dataloader,
-            metric=accuracy,
-            predictions_fn=lambda batch, outputs: (outputs.logits.argmax(dim=-1), batch["labels"]),
-        )
-
-    metrics = train(
-        accelerator,
-        args,
-        model,
-        optimizer,
-        scheduler,
-        train_dataloader,
-        length,
-        evaluate_fn=evaluate_fn,
-        processor=tokenizer,
-        checkpoint=checkpoint,
-    )
+    prepared = prepare_training(accelerator, args, model, train_dataloader, {"validation": eval_dataloader})
+    evaluate_fn = accuracy_evaluator(accelerator, prepared.model, prepared.eval_dataloaders["validation"])
+    metrics = train(accelerator, args, prepared, evaluate_fn=evaluate_fn, processor=tokenizer, checkpoint=checkpoint)
 
     # ------------------------------------------------------------------ save, share, show
-    save_model(accelerator, model, args.output_dir, tokenizer)
-    if accelerator.is_main_process:
-        (Path(args.output_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    push_to_hub(accelerator, args, hub_repo_id)
-    accelerator.end_training()
+    save_model(accelerator, prepared.model, args.output_dir, tokenizer)
+    finish_run(accelerator, args, metrics, hub_repo_id)
 
     if accelerator.is_main_process:
         # Load the saved model the way users will, to show that it works end to end.

@@ -107,6 +107,9 @@ class TextInputAdapter(InputAdapter):
 
 
 IMAGE_PREPROCESSINGS = ("pixels", "conv", "patches")
+CONV_PADDINGS = ("same", "transformers")
+# Width of learned image position embeddings when none is configured: that of 64-band Fourier features of 2 axes.
+DEFAULT_LEARNED_POSITION_CHANNELS = 258
 
 
 def _same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, int]:
@@ -116,22 +119,46 @@ def _same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+def _pad_same(x: torch.Tensor, kernel_size: int, stride: int, value: float = 0.0) -> torch.Tensor:
+    """Pad the last two axes of `x` for a TensorFlow "SAME" convolution or pooling."""
+    (top, bottom), (left, right) = (_same_padding(n, kernel_size, stride) for n in x.shape[-2:])
+    return F.pad(x, (left, right, top, bottom), value=value)
+
+
 class ConvDownsample(nn.Module):
     """DeepMind's Perceiver IO "conv" image preprocessing (`Conv2DDownsample`), 4x downsampling per layer.
 
-    Each layer: `Conv2d(7x7, stride 2, no bias)` -> `BatchNorm2d` -> ReLU -> `MaxPool(3x3, stride 2)`, both
-    with TensorFlow "SAME" padding, so a `(H, W)` image becomes `(ceil(H / 4), ceil(W / 4))` per layer
-    (224 -> 56, as in DeepMind's ImageNet model).
+    Each layer: `Conv2d(7x7, stride 2, no bias)` -> `BatchNorm2d` -> ReLU -> `MaxPool(3x3, stride 2)`.
+
+    `padding` chooses how the borders are padded:
+
+    - `"same"` (DeepMind's): TensorFlow "SAME" padding of both the convolution and the max-pool, so a `(H, W)`
+      image becomes `(ceil(H / 4), ceil(W / 4))` per layer (224 -> 56, as in DeepMind's ImageNet model).
+    - `"transformers"`: what transformers' port of the stem (`Conv2DDownsample`) computes, for exact parity
+      with its converted checkpoints: a fixed 3-pixel zero padding of the convolution on every side and an
+      unpadded max-pool, so `(H, W)` becomes `((ceil(H / 2) - 3) // 2 + 1, ...)` (224 -> 55). For an even
+      size this shifts the convolution by one pixel against "SAME" (which pads 2 before and 3 after).
 
     Args:
         in_channels: channels of the input images.
         out_channels: channels of every convolution's output.
         num_layers: number of conv + max-pool layers (downsampling by `4 ** num_layers`).
         use_batchnorm: apply `BatchNorm2d` after each convolution.
+        padding: `"same"` or `"transformers"`.
     """
 
-    def __init__(self, in_channels: int, out_channels: int = 64, num_layers: int = 1, use_batchnorm: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int = 64,
+        num_layers: int = 1,
+        use_batchnorm: bool = True,
+        padding: str = "same",
+    ):
+        if padding not in CONV_PADDINGS:
+            raise ValueError(f"padding ({padding!r}) must be one of {list(CONV_PADDINGS)}")
         super().__init__()
+        self.padding = padding
         self.layers = nn.ModuleList()
         for i in range(num_layers):
             layer = nn.Module()
@@ -140,22 +167,30 @@ class ConvDownsample(nn.Module):
             self.layers.append(layer)
 
     @staticmethod
-    def output_size(size: int, num_layers: int) -> int:
-        """Size of one spatial axis after `num_layers` layers."""
+    def output_size(size: int, num_layers: int, padding: str = "same") -> int:
+        """Size of one spatial axis after `num_layers` layers (0: too small for the unpadded max-pool)."""
         for _ in range(num_layers):
-            size = math.ceil(math.ceil(size / 2) / 2)
+            size = math.ceil(size / 2)  # the convolution, with either padding
+            size = math.ceil(size / 2) if padding == "same" else max((size - 3) // 2 + 1, 0)
         return size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """`(B, C, H, W)` -> `(B, out_channels, H', W')`."""
         x = images
-        for layer in self.layers:
-            (top, bottom), (left, right) = (_same_padding(n, 7, 2) for n in x.shape[-2:])
-            x = layer.conv(F.pad(x, (left, right, top, bottom)))
+        same = self.padding == "same"
+        for i, layer in enumerate(self.layers):
+            x = layer.conv(_pad_same(x, 7, 2) if same else F.pad(x, (3, 3, 3, 3)))
             x = F.relu(layer.batchnorm(x))
-            # Padding with -inf makes "SAME" max-pooling ignore the padded positions, as TensorFlow does.
-            (top, bottom), (left, right) = (_same_padding(n, 3, 2) for n in x.shape[-2:])
-            x = F.max_pool2d(F.pad(x, (left, right, top, bottom), value=float("-inf")), kernel_size=3, stride=2)
+            if same:
+                # Padding with -inf makes "SAME" max-pooling ignore the padded positions, as TensorFlow does.
+                x = _pad_same(x, 3, 2, value=float("-inf"))
+            elif min(x.shape[-2:]) < 3:
+                raise ValueError(
+                    f"images of size {tuple(images.shape[-2:])} are too small for the 'conv' preprocessing with "
+                    f"padding='transformers': the unpadded 3x3 max-pool of layer {i + 1} gets "
+                    f"{tuple(x.shape[-2:])} features"
+                )
+            x = F.max_pool2d(x, kernel_size=3, stride=2)
         return x
 
 
@@ -189,7 +224,8 @@ class ImageInputAdapter(InputAdapter):
 
     For "pixels" and "patches", `num_projection_channels` adds a linear projection of each position's
     features (DeepMind's "conv1x1" is "pixels" with a projection). Position features are computed on
-    the preprocessed grid. Fourier features are cached per shape, device and dtype, and serve images of
+    the preprocessed grid, optionally projected linearly (`num_position_projection_channels`, DeepMind's
+    `project_pos_dim`). Fourier features are cached per shape, device and dtype, and serve images of
     other sizes than configured (with the configured `max_frequencies`); learned positions fix the size.
 
     Args:
@@ -199,11 +235,14 @@ class ImageInputAdapter(InputAdapter):
             `None`: the Nyquist frequency of that grid).
         position_encoding: `"fourier"` or `"learned"` (learned positions fix the image size).
         num_position_channels: width of learned position embeddings.
+        num_position_projection_channels: width of a linear projection of the position features (`None`:
+            none).
         preprocessing: `"pixels"`, `"patches"` or `"conv"`.
         spatial_downsample: downsampling factor of the preprocessing (`None`: 1 for "pixels", 4 for
             "patches" and "conv").
         num_projection_channels: "pixels"/"patches": width of an optional linear projection (`None`: no
             projection); "conv": the convolutions' output channels (`None`: 64, as DeepMind's).
+        conv_padding: "conv": `ConvDownsample`'s `padding`, `"same"` (DeepMind's) or `"transformers"`.
     """
 
     def __init__(
@@ -212,10 +251,12 @@ class ImageInputAdapter(InputAdapter):
         num_frequency_bands: int = 32,
         max_frequencies: Sequence[float] | None = None,
         position_encoding: str = "fourier",
-        num_position_channels: int = 258,
+        num_position_channels: int = DEFAULT_LEARNED_POSITION_CHANNELS,
         preprocessing: str = "pixels",
         spatial_downsample: int | None = None,
         num_projection_channels: int | None = None,
+        num_position_projection_channels: int | None = None,
+        conv_padding: str = "same",
     ) -> None:
         if len(image_shape) != 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in image_shape):
             raise ValueError(
@@ -229,8 +270,14 @@ class ImageInputAdapter(InputAdapter):
             spatial_downsample = 1 if preprocessing == "pixels" else 4
         if isinstance(spatial_downsample, bool) or not isinstance(spatial_downsample, int) or spatial_downsample < 1:
             raise ValueError(f"spatial_downsample ({spatial_downsample!r}) must be a positive integer")
-        if num_projection_channels is not None and num_projection_channels < 1:
-            raise ValueError(f"num_projection_channels ({num_projection_channels!r}) must be a positive integer")
+        for name, value in (
+            ("num_projection_channels", num_projection_channels),
+            ("num_position_projection_channels", num_position_projection_channels),
+        ):
+            if value is not None:
+                _require_positive_int(name, value)
+        if conv_padding not in CONV_PADDINGS:
+            raise ValueError(f"conv_padding ({conv_padding!r}) must be one of {list(CONV_PADDINGS)}")
 
         preprocessor: nn.Module | None = None
         projection: nn.Module | None = None
@@ -242,8 +289,14 @@ class ImageInputAdapter(InputAdapter):
                     "preprocessing: each conv + max-pool layer downsamples 4x"
                 )
             num_features = num_projection_channels or 64
-            preprocessor = ConvDownsample(num_image_channels, num_features, num_layers=num_conv_layers)
-            grid = [ConvDownsample.output_size(n, num_conv_layers) for n in spatial_shape]
+            preprocessor = ConvDownsample(num_image_channels, num_features, num_conv_layers, padding=conv_padding)
+            grid = [ConvDownsample.output_size(n, num_conv_layers, conv_padding) for n in spatial_shape]
+            if 0 in grid:
+                raise ValueError(
+                    f"image size {tuple(spatial_shape)} is too small for 'conv' preprocessing with "
+                    f"conv_padding='transformers' and spatial_downsample={spatial_downsample}: the unpadded "
+                    "max-pool leaves no positions"
+                )
         else:
             if preprocessing == "patches":
                 if any(n % spatial_downsample for n in spatial_shape):
@@ -265,9 +318,14 @@ class ImageInputAdapter(InputAdapter):
             encoding: nn.Module = FourierPositionEncoding(len(grid), num_frequency_bands, max_frequencies)
             num_position_channels = encoding.num_channels
         elif position_encoding == "learned":
+            _require_positive_int("num_position_channels", num_position_channels)
             encoding = LearnedPositionEncoding(math.prod(grid), num_position_channels)
         else:
             raise ValueError(f"position_encoding ({position_encoding!r}) must be 'fourier' or 'learned'")
+        position_projection: nn.Module | None = None
+        if num_position_projection_channels is not None:
+            position_projection = nn.Linear(num_position_channels, num_position_projection_channels)
+            num_position_channels = num_position_projection_channels
         super().__init__(num_features + num_position_channels)
         self.image_shape = tuple(image_shape)
         self.spatial_shape = tuple(spatial_shape)
@@ -282,6 +340,8 @@ class ImageInputAdapter(InputAdapter):
         if projection is not None:
             self.projection = projection
         self.position_encoding = encoding
+        if position_projection is not None:
+            self.position_projection = position_projection
 
     def to_channels_last(self, images: torch.Tensor) -> torch.Tensor:
         """`(B, H, W, C)` or `(B, C, H, W)` -> `(B, H, W, C)`."""
@@ -329,6 +389,8 @@ class ImageInputAdapter(InputAdapter):
                     "use Fourier position encoding for variable sizes"
                 )
             positions = self.position_encoding(math.prod(grid))
+        if hasattr(self, "position_projection"):
+            positions = self.position_projection(positions)  # (H'*W', P')
         features = x.reshape(b, -1, c)  # (B, H'*W', C')
         return torch.cat([features, positions.expand(b, -1, -1)], dim=-1)  # (B, H'*W', C' + P)
 

@@ -21,6 +21,7 @@ HIDDEN_ACTIVATIONS = ("gelu", "geglu")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 IMAGE_POSITION_ENCODINGS = ("fourier", "learned")
 IMAGE_PREPROCESSINGS = ("pixels", "conv", "patches")
+IMAGE_CONV_PADDINGS = ("same", "transformers")
 # transformers' loss choices for classification heads (None: inferred from num_labels and the labels' dtype).
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 AUDIO_PREPROCESSINGS = ("samples", "spectrogram")
@@ -73,6 +74,16 @@ class PerceiverConfig(PretrainedConfig):
             Image: "pixels" / "patches": width of a linear projection of each position's features (`None`:
             none; "pixels" with a projection is DeepMind's "conv1x1"). "conv": the convolution's output
             channels (`None`: 64).
+        image_position_channels (`int`, *optional*):
+            Image, `image_position_encoding="learned"`: width of the learned position embeddings (`None`: 258).
+        image_position_projection_channels (`int`, *optional*):
+            Image: width of a linear projection of the position features before they are concatenated to the
+            image features (DeepMind's `project_pos_dim`; `None`: no projection).
+        image_conv_padding (`str`, *optional*, defaults to `"same"`):
+            Image, "conv": border padding of the conv + max-pool stem: `"same"` (TensorFlow "SAME" padding, as
+            DeepMind's; 224 -> 56 pixels) or `"transformers"` (as transformers' port of the stem, which pads the
+            convolution by 3 pixels on every side and not the max-pool; 224 -> 55). Checkpoints converted from
+            transformers use `"transformers"`.
         max_audio_samples (`int`, *optional*, defaults to 16000):
             Audio: longest waveform accepted, in samples. Positions are encoded on this fixed grid, so a clip's
             features do not depend on how much padding its batch has.
@@ -186,6 +197,9 @@ class PerceiverConfig(PretrainedConfig):
         image_preprocessing: str = "pixels",
         spatial_downsample: int | None = None,
         image_projection_channels: int | None = None,
+        image_position_channels: int | None = None,
+        image_position_projection_channels: int | None = None,
+        image_conv_padding: str = "same",
         # audio
         max_audio_samples: int = 16000,
         audio_patch_size: int = 1,
@@ -246,6 +260,9 @@ class PerceiverConfig(PretrainedConfig):
         self.image_preprocessing = image_preprocessing
         self.spatial_downsample = spatial_downsample
         self.image_projection_channels = image_projection_channels
+        self.image_position_channels = image_position_channels
+        self.image_position_projection_channels = image_position_projection_channels
+        self.image_conv_padding = image_conv_padding
         self.max_audio_samples = max_audio_samples
         self.audio_patch_size = audio_patch_size
         self.num_audio_channels = num_audio_channels
@@ -324,6 +341,7 @@ class PerceiverConfig(PretrainedConfig):
         choice("hidden_act", HIDDEN_ACTIVATIONS)
         choice("image_position_encoding", IMAGE_POSITION_ENCODINGS)
         choice("image_preprocessing", IMAGE_PREPROCESSINGS)
+        choice("image_conv_padding", IMAGE_CONV_PADDINGS)
         choice("pooling", POOLINGS)
         choice("audio_preprocessing", AUDIO_PREPROCESSINGS)
         for name in (
@@ -338,7 +356,8 @@ class PerceiverConfig(PretrainedConfig):
         for name in (
             "cross_attention_qk_channels", "cross_attention_v_channels", "self_attention_qk_channels",
             "self_attention_v_channels", "decoder_qk_channels", "decoder_v_channels", "d_output_queries",
-            "spatial_downsample", "image_projection_channels", "audio_projection_channels",
+            "spatial_downsample", "image_projection_channels", "image_position_channels",
+            "image_position_projection_channels", "audio_projection_channels",
         ):  # fmt: skip
             positive_int(name, optional=True)
         probability("dropout")
@@ -354,6 +373,12 @@ class PerceiverConfig(PretrainedConfig):
                     f"spatial_downsample ({downsample}) must be a power of 4 (4, 16, ...) for "
                     "image_preprocessing='conv'"
                 )
+        if self.image_position_channels is not None and self.image_position_encoding != "learned":
+            raise ValueError(
+                f"image_position_channels ({self.image_position_channels}) sets the width of learned position "
+                f"embeddings: it needs image_position_encoding='learned', not {self.image_position_encoding!r} "
+                "(Fourier features have 2 * (2 * num_frequency_bands + 1) channels)"
+            )
         if self.image_preprocessing == "patches":
             downsample = self.spatial_downsample or 4
             if any(size % downsample for size in self.image_size):
@@ -412,8 +437,10 @@ class PerceiverConfig(PretrainedConfig):
             # Checks every entry (names, sizes, text options) and that split text fits the cross-attention layers.
             validate_modalities(self.modalities, num_cross_attention_layers=self.num_cross_attention_layers)
         if self.task_num_labels is not None:
-            if not isinstance(self.task_num_labels, list) or not self.task_num_labels or any(
-                isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.task_num_labels
+            if (
+                not isinstance(self.task_num_labels, list)
+                or not self.task_num_labels
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.task_num_labels)
             ):
                 raise ValueError(
                     f"task_num_labels ({self.task_num_labels!r}) must be a non-empty list of positive integers"

@@ -1,10 +1,26 @@
 """Convert transformers' own Perceiver models (DeepMind's checkpoints) into `perceiver_hf` models.
 
-transformers hosts DeepMind's Perceiver IO checkpoints in its own format (`deepmind/language-perceiver`,
-`deepmind/vision-perceiver-fourier`, ...). This module maps such a model, given as an object, a local
-directory or a Hub id, to the equivalent `perceiver_hf` model with the same weights, so that logits
-agree to float precision and the model gains this package's capabilities (SDPA, gradient
-checkpointing, inputs of any length up to the positions, decoding only the masked positions).
+transformers hosts DeepMind's Perceiver IO checkpoints in its own format. This module maps such a model,
+given as an object, a local directory or a Hub id, to the equivalent `perceiver_hf` model with the same
+weights, so that logits agree to float precision and the model gains this package's capabilities (SDPA,
+gradient checkpointing, inputs of any length up to the positions, decoding only the masked positions).
+
+Supported transformers classes (and DeepMind's checkpoints of them):
+
+- `PerceiverForMaskedLM` (`deepmind/language-perceiver`) -> `PerceiverForMaskedLM`, with transformers'
+  byte-level `PerceiverTokenizer`;
+- `PerceiverForImageClassificationLearned` (`deepmind/vision-perceiver-learned`: 1x1 convolution, learned
+  positions projected by a linear layer) -> `PerceiverForImageClassification` with "pixels" preprocessing,
+  `image_projection_channels`, `image_position_encoding="learned"` and `image_position_projection_channels`;
+- `PerceiverForImageClassificationFourier` (`deepmind/vision-perceiver-fourier`: pixels and Fourier
+  features) -> `PerceiverForImageClassification` with "pixels" preprocessing;
+- `PerceiverForImageClassificationConvProcessing` (`deepmind/vision-perceiver-conv`: conv + max-pool stem,
+  Fourier features of the 4x downsampled grid) -> `PerceiverForImageClassification` with "conv"
+  preprocessing and `image_conv_padding="transformers"` (transformers pads the stem differently from
+  DeepMind's TensorFlow "SAME" padding: 224 pixels give 55x55 positions, not 56x56; see `ConvDownsample`).
+
+The image classifiers come with a `PerceiverImageProcessor` for their configured image size
+(ImageNet mean and std; no center crop).
 
 Python:
 
@@ -25,12 +41,14 @@ Kept apart from the modelling code: nothing here is imported by the models.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .configuration_perceiver import PerceiverConfig
+from .image_processing_perceiver import PerceiverImageProcessor
 from .modeling_perceiver import (
     PerceiverForImageClassification,
     PerceiverForMaskedLM,
@@ -38,12 +56,6 @@ from .modeling_perceiver import (
 )
 
 __all__ = ["convert_transformers_perceiver", "ConversionError", "main"]
-
-# transformers class name -> what this converter builds
-SUPPORTED_CLASSES = (
-    "PerceiverForMaskedLM",
-    "PerceiverForImageClassificationFourier",
-)
 
 
 class ConversionError(ValueError):
@@ -194,21 +206,104 @@ def _convert_masked_lm(hf_model: nn.Module):
     return model, PerceiverTokenizer(model_max_length=c.max_position_embeddings)
 
 
-def _convert_image_classifier_fourier(hf_model: nn.Module):
-    state = hf_model.state_dict()
+def _image_adapter_fields_and_mapping(hf_model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Config fields and weight mapping of transformers' `PerceiverImagePreprocessor` in the image classifiers:
+
+    - "pixels" + Fourier features (`PerceiverForImageClassificationFourier`): "pixels";
+    - "conv1x1" + learned positions, projected (`PerceiverForImageClassificationLearned`): "pixels" with a
+      projection of the pixels and of the positions;
+    - "conv" + Fourier features (`PerceiverForImageClassificationConvProcessing`): "conv" with transformers'
+      padding of the stem (see `ConvDownsample`).
+
+    `state` is updated in place where a weight needs reshaping.
+    """
+    preprocessor = hf_model.perceiver.input_preprocessor
+    prep_type = preprocessor.prep_type
+    _require(prep_type in ("pixels", "conv1x1", "conv"), "prep_type", prep_type, "'pixels', 'conv1x1' or 'conv'")
+    _require(preprocessor.concat_or_add_pos == "concat", "concat_or_add_pos", preprocessor.concat_or_add_pos,
+             "'concat'")  # fmt: skip
+    hf = "perceiver.input_preprocessor"
+    ours = "perceiver.encoder.input_adapter"
+    mapping: dict[str, str] = {}
+
+    position_encoding = preprocessor.position_embeddings
+    if preprocessor.position_encoding_type == "fourier":
+        _require(position_encoding.concat_pos and not position_encoding.sine_only, "fourier_position_encoding_kwargs",
+                 {"concat_pos": position_encoding.concat_pos, "sine_only": position_encoding.sine_only},
+                 "concat_pos=True, sine_only=False")  # fmt: skip
+        max_resolution = tuple(position_encoding.max_resolution)
+        _require(len(max_resolution) == 2 and len(set(max_resolution)) == 1, "max_resolution", max_resolution,
+                 "equal height and width")  # fmt: skip
+        fields = dict(
+            image_position_encoding="fourier",
+            num_frequency_bands=position_encoding.num_bands,
+            max_frequency=float(max_resolution[0]),
+        )
+        # Fourier features fit any image size; the configured one (the image processor's) is the one the
+        # frequencies were chosen for: the Fourier grid itself, 4x that for the conv stem (224 for 56).
+        image_size = [max_resolution[0] * (4 if prep_type == "conv" else 1)] * 2
+        num_position_channels = position_encoding.output_size()
+    elif preprocessor.position_encoding_type == "trainable":
+        _require(prep_type != "conv", "position_encoding_type", "trainable", "'fourier' with prep_type='conv'")
+        num_positions, num_position_channels = position_encoding.position_embeddings.shape
+        side = math.isqrt(num_positions)
+        _require(side * side == num_positions, "trainable_position_encoding_kwargs",
+                 {"index_dims": num_positions}, "a square number of positions (image_size**2)")  # fmt: skip
+        fields = dict(image_position_encoding="learned", image_position_channels=num_position_channels)
+        image_size = [side, side]
+        mapping[f"{hf}.position_embeddings.position_embeddings"] = f"{ours}.position_encoding.weight"
+    else:
+        raise ConversionError(
+            f"position_encoding_type={preprocessor.position_encoding_type!r} cannot be represented in perceiver_hf: "
+            "expected 'fourier' or 'trainable'"
+        )
+    if isinstance(preprocessor.positions_projection, nn.Linear):
+        fields["image_position_projection_channels"] = preprocessor.positions_projection.out_features
+        num_position_channels = preprocessor.positions_projection.out_features
+        for kind in ("weight", "bias"):
+            mapping[f"{hf}.positions_projection.{kind}"] = f"{ours}.position_projection.{kind}"
+
+    if prep_type == "pixels":
+        _require(preprocessor.spatial_downsample == 1, "spatial_downsample", preprocessor.spatial_downsample, "1")
+        num_input_channels = state["perceiver.encoder.cross_attention.attention.self.key.weight"].shape[1]
+        fields |= dict(image_preprocessing="pixels", num_channels=num_input_channels - num_position_channels)
+    elif prep_type == "conv1x1":
+        # A 1x1 convolution of stride 1 is a linear projection of each pixel's channels.
+        conv = preprocessor.convnet_1x1
+        _require(conv.stride == (1, 1), "spatial_downsample", preprocessor.spatial_downsample, "1")
+        state[f"{hf}.convnet_1x1.weight"] = state[f"{hf}.convnet_1x1.weight"].flatten(1)
+        fields |= dict(
+            image_preprocessing="pixels", num_channels=conv.in_channels, image_projection_channels=conv.out_channels
+        )
+        for kind in ("weight", "bias"):
+            mapping[f"{hf}.convnet_1x1.{kind}"] = f"{ours}.projection.{kind}"
+    else:  # "conv": transformers' Conv2DDownsample is one conv + max-pool layer, whatever its spatial_downsample
+        stem = preprocessor.convnet
+        batchnorm = stem.batchnorm
+        _require(isinstance(batchnorm, nn.BatchNorm2d), "conv2d_use_batchnorm", False, "True")
+        _require(batchnorm.eps == 1e-5 and batchnorm.affine and batchnorm.track_running_stats, "batchnorm",
+                 {"eps": batchnorm.eps, "affine": batchnorm.affine,
+                  "track_running_stats": batchnorm.track_running_stats},
+                 "eps=1e-05, affine=True, track_running_stats=True")  # fmt: skip
+        fields |= dict(
+            image_preprocessing="conv",
+            spatial_downsample=4,
+            num_channels=stem.conv.in_channels,
+            image_projection_channels=stem.conv.out_channels,
+            image_conv_padding="transformers",
+        )
+        mapping[f"{hf}.convnet.conv.weight"] = f"{ours}.preprocessor.layers.0.conv.weight"
+        for kind in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            mapping[f"{hf}.convnet.batchnorm.{kind}"] = f"{ours}.preprocessor.layers.0.batchnorm.{kind}"
+    return fields | {"image_size": image_size}, mapping
+
+
+def _convert_image_classifier(hf_model: nn.Module):
+    state = dict(hf_model.state_dict())
     c = hf_model.config
     fields, mapping = _encoder_config_and_mapping(hf_model, state)
-    num_input_channels = fields.pop("_num_input_channels")
-    preprocessor = hf_model.perceiver.input_preprocessor
-    position_encoding = preprocessor.position_embeddings
-    _require(preprocessor.prep_type == "pixels", "prep_type", preprocessor.prep_type, "'pixels'")
-    _require(preprocessor.spatial_downsample == 1, "spatial_downsample", preprocessor.spatial_downsample, "1")
-    _require(position_encoding.concat_pos and not position_encoding.sine_only, "fourier_position_encoding_kwargs",
-             {"concat_pos": position_encoding.concat_pos, "sine_only": position_encoding.sine_only},
-             "concat_pos=True, sine_only=False")  # fmt: skip
-    max_resolution = tuple(position_encoding.max_resolution)
-    _require(len(set(max_resolution)) == 1, "max_resolution", max_resolution, "equal height and width")
-    num_channels = num_input_channels - position_encoding.output_size()
+    fields.pop("_num_input_channels")
+    image_fields, image_mapping = _image_adapter_fields_and_mapping(hf_model, state)
     decoder = hf_model.perceiver.decoder.decoder
     fields |= _decoder_fields(
         "perceiver.decoder.decoder.decoding_cross_attention",
@@ -218,31 +313,27 @@ def _convert_image_classifier_fourier(hf_model: nn.Module):
     )
     config = PerceiverConfig(
         input_adapter="image",
-        image_size=list(max_resolution),
-        num_channels=num_channels,
-        num_frequency_bands=position_encoding.num_bands,
-        max_frequency=float(max_resolution[0]),
-        image_position_encoding="fourier",
-        image_preprocessing="pixels",
         num_labels=c.num_labels,
         id2label=dict(c.id2label),
         label2id=dict(c.label2id),
         num_output_queries=1,
         d_output_queries=decoder.num_channels,
+        **image_fields,
         **fields,
     )
+    mapping |= image_mapping
     mapping |= {
         "perceiver.decoder.decoder.output_position_encodings.position_embeddings":
             "classification_decoder.output_query",
         "perceiver.decoder.decoder.final_layer.weight": "classification_decoder.output_adapter.linear.weight",
         "perceiver.decoder.decoder.final_layer.bias": "classification_decoder.output_adapter.linear.bias",
-    }
+    }  # fmt: skip
     mapping |= _layer_mapping(
         "perceiver.decoder.decoder.decoding_cross_attention", "classification_decoder.cross_attention", True
     )
     model = PerceiverForImageClassification(config)
     _load_mapped(model, state, mapping)
-    return model, None
+    return model, PerceiverImageProcessor.from_perceiver_config(config)
 
 
 def _load_mapped(
@@ -274,8 +365,12 @@ def _load_mapped(
 
 _CONVERTERS = {
     "PerceiverForMaskedLM": _convert_masked_lm,
-    "PerceiverForImageClassificationFourier": _convert_image_classifier_fourier,
+    "PerceiverForImageClassificationLearned": _convert_image_classifier,
+    "PerceiverForImageClassificationFourier": _convert_image_classifier,
+    "PerceiverForImageClassificationConvProcessing": _convert_image_classifier,
 }
+# transformers class names this module converts
+SUPPORTED_CLASSES = tuple(_CONVERTERS)
 
 
 def convert_transformers_perceiver(model_or_path, save_directory: str | Path | None = None):
@@ -283,12 +378,15 @@ def convert_transformers_perceiver(model_or_path, save_directory: str | Path | N
 
     Args:
         model_or_path: a transformers Perceiver model object (`PerceiverForMaskedLM`,
-            `PerceiverForImageClassificationFourier`), a local directory, or a Hub id (needs internet).
-        save_directory: if given, `save_pretrained` the converted model (and tokenizer) there.
+            `PerceiverForImageClassificationLearned`, `PerceiverForImageClassificationFourier`,
+            `PerceiverForImageClassificationConvProcessing`), a local directory, or a Hub id (needs internet).
+        save_directory: if given, `save_pretrained` the converted model and its tokenizer or image processor
+            there.
 
     Returns:
         `(model, tokenizer_or_image_processor)`: the converted model in eval mode and the matching
-        preprocessor (transformers' byte-level `PerceiverTokenizer` for the language model).
+        preprocessor (transformers' byte-level `PerceiverTokenizer` for the language model, a
+        `PerceiverImageProcessor` for the image classifiers).
 
     Raises:
         ConversionError: for a model class or setting that perceiver_hf cannot represent exactly,

@@ -33,6 +33,7 @@ from transformers.modeling_outputs import (
 from transformers.utils import ModelOutput, logging
 
 from .adapters import (
+    DEFAULT_LEARNED_POSITION_CHANNELS,
     ClassificationOutputAdapter,
     ImageInputAdapter,
     InputAdapter,
@@ -749,6 +750,9 @@ def input_adapter_from_config(config: PerceiverConfig) -> InputAdapter:
             preprocessing=config.image_preprocessing,
             spatial_downsample=config.spatial_downsample,
             num_projection_channels=config.image_projection_channels,
+            num_position_channels=config.image_position_channels or DEFAULT_LEARNED_POSITION_CHANNELS,
+            num_position_projection_channels=config.image_position_projection_channels,
+            conv_padding=config.image_conv_padding,
         )
     if config.input_adapter == "audio":
         return AudioInputAdapter(
@@ -828,6 +832,41 @@ class PerceiverPreTrainedModel(PreTrainedModel):
             if isinstance(module, PerceiverAttention):
                 module.attn_implementation = attn_implementation
 
+    def get_position_embeddings(self) -> LearnedPositionEncoding:
+        """The learned position table `(max_position_embeddings, d_model)` of a text model."""
+        adapter = self.base_model.encoder.input_adapter
+        if not isinstance(adapter, TextInputAdapter):
+            raise ValueError(
+                f"only text models (input_adapter='text') have learned token positions; this model's input_adapter "
+                f"is {self.config.input_adapter!r}"
+            )
+        return adapter.position_embedding
+
+    def resize_position_embeddings(self, new_num_position_embeddings: int) -> None:
+        """Give a text model `new_num_position_embeddings` learned positions, e.g. to fine-tune a masked LM
+        pre-trained on short sequences with longer ones (as DistilBERT's method of the same name).
+
+        The first `min(old, new)` positions keep their trained values; added positions are initialised as in
+        a new model (normal, std `config.initializer_range`). Updates `config.max_position_embeddings`, so
+        `save_pretrained` / `from_pretrained` round-trip the new size.
+        """
+        if not isinstance(new_num_position_embeddings, int) or new_num_position_embeddings < 1:
+            raise ValueError(
+                f"new_num_position_embeddings must be a positive integer, got {new_num_position_embeddings!r}"
+            )
+        old = self.get_position_embeddings()
+        num_kept = min(old.weight.shape[0], new_num_position_embeddings)
+        new = LearnedPositionEncoding(new_num_position_embeddings, old.weight.shape[1])
+        new.to(device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight.normal_(std=self.config.initializer_range)
+            new.weight[:num_kept] = old.weight[:num_kept]
+        new.weight.requires_grad_(old.weight.requires_grad)  # a frozen encoder stays frozen
+        adapter = self.base_model.encoder.input_adapter
+        adapter.position_embedding = new
+        adapter.max_seq_len = new_num_position_embeddings
+        self.config.max_position_embeddings = new_num_position_embeddings
+
 
 class PerceiverModel(PerceiverPreTrainedModel):
     """The Perceiver IO encoder with its input adapter: inputs -> latents `(B, L, D)`."""
@@ -894,9 +933,7 @@ class PerceiverModel(PerceiverPreTrainedModel):
         given = {k: v for k, v in (("input_ids", input_ids), ("pixel_values", pixel_values), ("inputs", inputs))
                  if v is not None}  # fmt: skip
         if len(given) != 1:
-            raise ValueError(
-                f"pass exactly one of input_ids, pixel_values or inputs, got {sorted(given) or 'none'}"
-            )
+            raise ValueError(f"pass exactly one of input_ids, pixel_values or inputs, got {sorted(given) or 'none'}")
         (raw_inputs,) = given.values()
         if pixel_values is not None and pixel_values.is_floating_point() and pixel_values.dtype != self.dtype:
             # float64 pixels (from numpy) or float32 pixels for a half-precision model would fail deep inside a
@@ -952,6 +989,19 @@ class PerceiverForMaskedLM(PerceiverPreTrainedModel):
             attn_implementation=_attn_implementation(config),
         )
         self.post_init()
+
+    def resize_position_embeddings(self, new_num_position_embeddings: int) -> None:
+        """Resize the input positions (see the base class) and the decoder's per-position output queries
+        alike: the first `min(old, new)` queries keep their trained values, added ones are new."""
+        super().resize_position_embeddings(new_num_position_embeddings)
+        old = self.decoder.output_query
+        num_kept = min(old.shape[0], new_num_position_embeddings)
+        new = torch.empty(new_num_position_embeddings, old.shape[1], device=old.device, dtype=old.dtype)
+        std = self.config.initializer_range
+        nn.init.trunc_normal_(new, std=std, a=-2 * std, b=2 * std)
+        new[:num_kept] = old.detach()[:num_kept]
+        self.decoder.output_query = nn.Parameter(new, requires_grad=old.requires_grad)
+        self.decoder.output_adapter.output_shape = (new_num_position_embeddings, old.shape[1])
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.decoder.output_adapter.linear
@@ -1045,8 +1095,9 @@ def _classification_loss(config: PerceiverConfig, logits: torch.Tensor, labels: 
     if config.problem_type == "regression":
         if config.num_labels == 1:
             if labels.numel() != logits.shape[0]:
-                raise ValueError(f"regression labels must have shape (batch,) = ({logits.shape[0]},), "
-                                 f"got {tuple(labels.shape)}")
+                raise ValueError(
+                    f"regression labels must have shape (batch,) = ({logits.shape[0]},), got {tuple(labels.shape)}"
+                )
             return F.mse_loss(logits.squeeze(-1).float(), labels.float().reshape(logits.shape[0]))
         if labels.shape != logits.shape:  # one regression target per label
             raise ValueError(f"regression labels must have shape {tuple(logits.shape)}, got {tuple(labels.shape)}")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
+import json
 import sys
 from pathlib import Path
 
@@ -15,7 +17,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from datasets import Dataset, DatasetDict
 from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES_DIR))
@@ -102,6 +106,57 @@ def test_default_data_files_are_used_without_options() -> None:
     assert (len(raw["train"]), len(raw["validation"])) == (200, 200)
 
 
+def test_a_missing_training_column_names_the_option_and_the_columns() -> None:
+    raw = DatasetDict({"train": Dataset.from_dict({"review": ["a"], "label": [0]})})
+    common.check_training_column(raw, "--text_column", "review")
+    message = r"--text_column 'text' is not a column of the training data \(columns: review, label\)"
+    with pytest.raises(ValueError, match=message):
+        common.check_training_column(raw, "--text_column", "text")
+
+
+def test_train_and_validation_loaders_follow_the_batch_size_options() -> None:
+    splits = DatasetDict({split: Dataset.from_dict({"x": list(range(10))}) for split in ("train", "validation")})
+    args = parse("--batch_size", "4", "--eval_batch_size", "3", "--seed", "5")
+
+    def collate(features: list[dict]) -> list[int]:
+        return [f["x"] for f in features]
+
+    train_loader, eval_loader = common.build_dataloaders(splits, args, collate)
+    train_batches, eval_batches = list(train_loader), list(eval_loader)
+    assert [len(b) for b in train_batches] == [4, 4, 2] and [len(b) for b in eval_batches] == [3, 3, 3, 1]
+    assert sum(eval_batches, []) == list(range(10))  # validation: in order
+    order = sum(train_batches, [])
+    assert sorted(order) == list(range(10)) and order != list(range(10))  # training: shuffled
+    assert sum(common.build_dataloaders(splits, args, collate)[0], []) == order  # by --seed alone
+
+    _, eval_loader = common.build_dataloaders(splits, args, collate, eval_collator=lambda features: "eval")
+    assert next(iter(eval_loader)) == "eval"
+
+
+# ------------------------------------------------------------------------------------------- model options
+
+
+def test_layout_options_become_real_config_fields() -> None:
+    from perceiver_hf import PerceiverConfig
+
+    parser = common.build_parser("test")
+    common.add_layout_arguments(parser.add_argument_group("model"))
+    parser.set_defaults(num_layers=3)  # how a script picks its own layout
+    config = common.layout_config(common.parse_args(parser, ["--widening_factor", "2"]))
+    assert config["num_cross_attention_layers"] == config["num_self_attention_blocks"] == 3
+    assert config["cross_attention_widening_factor"] == config["decoder_widening_factor"] == 2
+    assert not config["first_cross_attention_layer_shared"] and not config["first_self_attention_block_shared"]
+    assert set(config) <= set(inspect.signature(PerceiverConfig.__init__).parameters)  # no typo lands in **kwargs
+
+
+def test_label_config_maps_ids_and_names_both_ways() -> None:
+    from perceiver_hf import PerceiverConfig
+
+    config = PerceiverConfig(**common.label_config(["neg", "pos"]))
+    assert (config.num_labels, config.id2label, config.label2id) == (2, {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1})
+    assert config.problem_type == "single_label_classification"
+
+
 # ------------------------------------------------------------------------------------------- collator
 
 
@@ -166,6 +221,71 @@ def test_training_length_counts_the_partial_accumulation_step() -> None:
     assert (length.steps_per_epoch, length.max_steps, length.num_epochs) == (3, 6, 2)
     length = common.compute_training_length(parse("--max_steps", "7"), 5)
     assert (length.max_steps, length.num_epochs) == (7, 2)
+
+
+def test_prepare_training_sizes_the_run_on_the_prepared_loader(accelerator: Accelerator) -> None:
+    args = parse("--max_epochs", "2", "--gradient_accumulation_steps", "2", "--lr_scheduler", "linear")
+    model = TinyModel()
+    train_loader = torch.utils.data.DataLoader(list(range(10)), batch_size=2)  # 5 batches: 3 steps per epoch
+    eval_loaders = {name: torch.utils.data.DataLoader(list(range(4)), batch_size=2) for name in ("b", "a")}
+    prepared = common.prepare_training(accelerator, args, model, train_loader, eval_loaders)
+
+    assert (prepared.length.steps_per_epoch, prepared.length.max_steps) == (3, 6)
+    assert list(prepared.eval_dataloaders) == ["b", "a"]
+    # Checkpoints store the loaders' states in this order: training first, then evaluation, as given.
+    assert accelerator._dataloaders == [prepared.train_dataloader, *prepared.eval_dataloaders.values()]
+    assert [g["weight_decay"] for g in prepared.optimizer.param_groups] == [0.0]  # TinyModel: tied weights only
+    rates = []
+    for _ in range(6):
+        prepared.optimizer.step()
+        prepared.scheduler.step()
+        rates.append(prepared.optimizer.param_groups[0]["lr"])
+    assert rates[-1] == 0.0  # the linear schedule ends exactly at the last step
+
+
+class FixedLogits(nn.Module):
+    """A classifier whose logits are its input: the accuracy of a batch is known in advance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> SequenceClassifierOutput:
+        logits = logits * self.scale
+        loss = nn.functional.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def test_accuracy_evaluator_counts_examples_and_skips_ignored_tokens(accelerator: Accelerator) -> None:
+    eye = torch.eye(3)
+    per_example = [{"logits": eye[i], "labels": torch.tensor(label)} for i, label in enumerate([0, 1, 0])]
+    loader = torch.utils.data.DataLoader(per_example, batch_size=2)
+    results = common.accuracy_evaluator(accelerator, FixedLogits(), loader)(step=7)
+    assert set(results) == {"loss", "accuracy"} and results["accuracy"] == pytest.approx(2 / 3)
+
+    # Per-token labels, as in a masked LM: the -100 positions are not predictions.
+    per_token = [{"logits": eye, "labels": torch.tensor([0, -100, 1])}]
+    results = common.accuracy_evaluator(accelerator, FixedLogits(), torch.utils.data.DataLoader(per_token))()
+    assert results["accuracy"] == pytest.approx(1 / 2)
+
+
+@pytest.mark.parametrize("main_process", [True, False])
+def test_finish_run_writes_eval_results_on_the_main_process_only(
+    tmp_path: Path, accelerator: Accelerator, monkeypatch, main_process: bool
+) -> None:
+    ended = []
+    monkeypatch.setattr(type(accelerator), "is_main_process", property(lambda self: main_process))
+    monkeypatch.setattr(accelerator, "end_training", lambda: ended.append(True))
+    results = {"image+audio": {"loss": 0.5, "accuracy": 0.75}, "image_only": {"loss": 1.0, "accuracy": 0.5}}
+    common.finish_run(accelerator, parse("--output_dir", str(tmp_path)), results, hub_repo_id=None)
+
+    path = tmp_path / "eval_results.json"
+    if main_process:
+        assert path.read_text() == json.dumps(results, indent=2) + "\n"
+        assert json.loads(path.read_text()) == results
+    else:
+        assert not path.exists()
+    assert ended == [True]  # every process ends the run (trackers, process group)
 
 
 # ------------------------------------------------------------------------------------------- checkpoints

@@ -19,6 +19,7 @@ from conftest import DATA_DIR, REPO_ROOT
 from perceiver_tester import tiny_image_config
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+from transformers.models.perceiver.modeling_perceiver import Conv2DDownsample as TransformersConv2DDownsample
 from transformers.models.perceiver.modeling_perceiver import space_to_depth as transformers_space_to_depth
 
 import perceiver_hf.position_encoding as position_encoding_module
@@ -162,6 +163,50 @@ def test_conv_downsample_is_deepmind_conv_stem() -> None:
     assert out.shape == (2, 4, 3, 2) and (out >= 0).all()
 
 
+@pytest.mark.parametrize("size", [(32, 33), (224, 15), (5, 6)])
+def test_conv_downsample_transformers_padding_matches_transformers_stem(size: tuple[int, int]) -> None:
+    # transformers' port pads the convolution by 3 on every side and not the max-pool: 224 -> 55, not 56.
+    theirs = TransformersConv2DDownsample(in_channels=3, out_channels=8).eval()
+    ours = ConvDownsample(3, 8, num_layers=1, padding="transformers").eval()
+    with torch.no_grad():
+        theirs.batchnorm.running_mean.normal_()
+        theirs.batchnorm.running_var.uniform_(0.5, 2.0)
+        theirs.batchnorm.weight.normal_()
+    ours.layers[0].load_state_dict(theirs.state_dict())
+    images = torch.randn(2, 3, *size)
+    expected = theirs(images)
+    torch.testing.assert_close(ours(images), expected)
+    assert expected.shape[-2:] == tuple(ConvDownsample.output_size(n, 1, "transformers") for n in size)
+    assert ConvDownsample.output_size(224, 1, "transformers") == 55
+    assert ConvDownsample.output_size(4, 1, "transformers") == 0
+    with pytest.raises(ValueError, match=r"images of size \(4, 8\) are too small .* padding='transformers'"):
+        ours(torch.randn(1, 3, 4, 8))
+    with pytest.raises(ValueError, match=r"padding \('valid'\) must be one of \['same', 'transformers'\]"):
+        ConvDownsample(3, 8, padding="valid")
+
+
+def test_position_projection_and_learned_position_width() -> None:
+    # DeepMind's "conv1x1" + learned positions (vision-perceiver-learned): pixels projected to 5 channels,
+    # 4-channel learned positions projected to 6 channels, concatenated.
+    config = tiny_image_config(
+        image_projection_channels=5,
+        image_position_encoding="learned",
+        image_position_channels=4,
+        image_position_projection_channels=6,
+    )
+    model = PerceiverForImageClassification(config)
+    adapter = model.perceiver.input_adapter
+    assert adapter.position_encoding.weight.shape == (30, 4) and adapter.num_input_channels == 5 + 6
+    images = torch.randn(2, 3, 6, 5)
+    adapted = adapter(images)
+    positions = adapter.position_projection(adapter.position_encoding.weight)
+    torch.testing.assert_close(adapted[1, :, 5:], positions)
+    torch.testing.assert_close(adapted[..., :5], adapter.projection(images.permute(0, 2, 3, 1)).reshape(2, 30, 5))
+    # Fourier features can be projected too.
+    fourier = tiny_image_config(image_position_projection_channels=7)
+    assert PerceiverForImageClassification(fourier).perceiver.input_adapter.num_input_channels == 3 + 7
+
+
 @pytest.mark.parametrize(
     "overrides, grid, num_features",
     [
@@ -173,6 +218,17 @@ def test_conv_downsample_is_deepmind_conv_stem() -> None:
         ({"image_preprocessing": "conv", "image_projection_channels": 6}, (2, 3), 6),
         ({"image_preprocessing": "patches", "image_position_encoding": "learned"}, (2, 3), 48),
         ({"image_preprocessing": "conv", "image_position_encoding": "learned"}, (2, 3), 64),
+        ({"image_preprocessing": "conv", "image_conv_padding": "transformers"}, (1, 2), 64),
+        (
+            {
+                "image_projection_channels": 5,
+                "image_position_encoding": "learned",
+                "image_position_channels": 4,
+                "image_position_projection_channels": 6,
+            },
+            (8, 12),
+            5,
+        ),
     ],
 )
 def test_preprocessing_variants(tmp_path: Path, overrides: dict, grid: tuple[int, int], num_features: int) -> None:
@@ -223,6 +279,10 @@ def test_original_api_adapter_defaults_are_unchanged() -> None:
         ({"spatial_downsample": 0}, r"spatial_downsample \(0\) must be a positive integer"),
         ({"image_projection_channels": -1}, r"image_projection_channels \(-1\) must be a positive integer"),
         ({"image_preprocessing": "resize"}, r"image_preprocessing \('resize'\) must be one of"),
+        ({"image_conv_padding": "valid"}, r"image_conv_padding \('valid'\) must be one of \['same', 'transformers'\]"),
+        ({"image_position_channels": 0}, r"image_position_channels \(0\) must be a positive integer"),
+        ({"image_position_projection_channels": 2.5}, r"image_position_projection_channels \(2.5\) must be a positive"),
+        ({"image_position_channels": 16}, r"image_position_channels \(16\) .* needs image_position_encoding='learned'"),
     ],
 )
 def test_config_rejects_bad_image_settings(overrides: dict, message: str) -> None:
@@ -235,6 +295,10 @@ def test_adapter_rejects_bad_arguments() -> None:
         ImageInputAdapter((8, 8, 3), preprocessing="crop")
     with pytest.raises(ValueError, match=r"spatial_downsample \(8\) must be a power of 4"):
         ImageInputAdapter((8, 8, 3), preprocessing="conv", spatial_downsample=8)
+    with pytest.raises(ValueError, match=r"image size \(4, 8\) is too small for 'conv' preprocessing with conv_pa"):
+        ImageInputAdapter((4, 8, 3), preprocessing="conv", conv_padding="transformers")
+    with pytest.raises(ValueError, match=r"num_position_projection_channels \(0\) must be a positive integer"):
+        ImageInputAdapter((8, 8, 3), num_position_projection_channels=0)
     adapter = ImageInputAdapter((8, 8, 3), preprocessing="patches", spatial_downsample=4)
     with pytest.raises(ValueError, match=r"image size \(6, 8\) must be divisible by spatial_downsample \(4\)"):
         adapter(torch.randn(1, 6, 8, 3))

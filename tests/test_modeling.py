@@ -629,3 +629,66 @@ def test_freeze_encoder_from_config() -> None:
     assert all(p.requires_grad for p in model.classification_decoder.parameters())
     model.unfreeze_encoder()
     assert all(p.requires_grad for p in model.parameters()) and model.config.freeze_encoder is False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resizing the learned positions of text models
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head_class", [PerceiverForMaskedLM, PerceiverForSequenceClassification])
+def test_resize_position_embeddings_keeps_trained_positions_and_round_trips(head_class, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = head_class(tiny_text_config()).eval()
+    input_ids, attention_mask = text_batch(model.config, [12, 7])
+    before = model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    model.resize_position_embeddings(20)
+    assert model.config.max_position_embeddings == 20
+    assert model.get_position_embeddings().weight.shape == (20, model.config.d_model)
+    if head_class is PerceiverForMaskedLM:
+        assert model.decoder.output_query.shape == (20, model.config.d_model)
+    # Inputs that fit the old table give the same outputs: the first 12 positions (and queries) are kept.
+    after = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    # Longer inputs now run, and the new size is saved with the model.
+    long_ids, long_mask = text_batch(model.config, [20, 15], seed=1)
+    expected = model(input_ids=long_ids, attention_mask=long_mask).logits
+    model.save_pretrained(tmp_path)
+    reloaded = head_class.from_pretrained(tmp_path).eval()
+    assert reloaded.config.max_position_embeddings == 20
+    torch.testing.assert_close(reloaded(input_ids=long_ids, attention_mask=long_mask).logits, expected)
+
+
+def test_resize_position_embeddings_shrinks_and_keeps_a_frozen_encoder_frozen() -> None:
+    model = PerceiverForSequenceClassification(tiny_text_config())
+    old = model.get_position_embeddings().weight.detach().clone()
+    model.freeze_encoder()
+    model.resize_position_embeddings(5)
+    new = model.get_position_embeddings().weight
+    torch.testing.assert_close(new.detach(), old[:5], rtol=0, atol=0)
+    assert not new.requires_grad
+    with pytest.raises(ValueError, match="longer than the model's 5 positions"):
+        model.perceiver(input_ids=torch.ones(1, 6, dtype=torch.long))
+    # A trained masked LM's decoder is trained too: its new queries must be trainable parameters.
+    mlm = PerceiverForMaskedLM(tiny_text_config())
+    mlm.resize_position_embeddings(16)
+    assert mlm.decoder.output_query.requires_grad
+    assert any(p is mlm.decoder.output_query for p in mlm.parameters())
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "64"])
+def test_resize_position_embeddings_rejects_bad_sizes(bad) -> None:
+    model = PerceiverForMaskedLM(tiny_text_config())
+    with pytest.raises(ValueError, match=f"new_num_position_embeddings must be a positive integer, got {bad!r}"):
+        model.resize_position_embeddings(bad)
+
+
+def test_resize_position_embeddings_needs_a_text_model() -> None:
+    from perceiver_tester import tiny_image_config
+
+    from perceiver_hf import PerceiverForImageClassification
+
+    model = PerceiverForImageClassification(tiny_image_config())
+    with pytest.raises(ValueError, match="only text models .* input_adapter is 'image'"):
+        model.resize_position_embeddings(8)

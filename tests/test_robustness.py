@@ -378,8 +378,8 @@ TEXT, IMAGE = tiny_text_config(), tiny_image_config()
 MLM = PerceiverForMaskedLM(TEXT).eval()
 TEXT_CLASSIFIER = PerceiverForSequenceClassification(TEXT).eval()
 IMAGE_CLASSIFIER = PerceiverForImageClassification(IMAGE).eval()
-IDS = torch.randint(5, TEXT.vocab_size, (2, 8))
-PIXELS = torch.randn(2, 3, 6, 5)
+IDS = torch.randint(5, TEXT.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+PIXELS = torch.randn(2, 3, 6, 5, generator=torch.Generator().manual_seed(1))
 ENCODER = PerceiverEncoder(TextInputAdapter(10, 8, 16), latent_shape=(4, 16), num_self_attention_layers_per_block=1)
 DECODER = PerceiverDecoder(ClassificationOutputAdapter(3, num_output_channels=16), latent_shape=(4, 16))
 
@@ -404,7 +404,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[], object], str]] = {
         r"input_ids must be token ids in \[0, vocab_size=41\), got ids from 41 to 41; is the tokenizer the model's own",
     ),
     "negative id": (
-        lambda: TEXT_CLASSIFIER(input_ids=IDS - 10),
+        lambda: TEXT_CLASSIFIER(input_ids=IDS - TEXT.vocab_size),  # every id negative
         r"input_ids must be token ids in \[0, vocab_size=41\)",
     ),
     "empty batch": (lambda: MLM(input_ids=IDS[:0]), r"at least one example and one position, got shape \(0, 8, 16\)"),
