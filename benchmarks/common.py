@@ -126,9 +126,7 @@ QUICK_WORKLOADS = {
 
 @dataclass
 class Runner:
-    """A built model and how to run it: `train_loss(batch)` in train mode, `infer(batch)` in eval mode.
-
-    """
+    """A built model and how to run it: `train_loss(batch)` in train mode, `infer(batch)` in eval mode."""
 
     model: nn.Module
     train_loss: Callable[[dict], torch.Tensor]

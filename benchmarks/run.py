@@ -82,7 +82,7 @@ def _worker(spec: dict) -> dict:
         def build(w, a):
             runner = bench_ours.build(w, a)
             if spec.get("gradient_checkpointing"):
-                runner.model.gradient_checkpointing_enable()
+                runner.model.activation_checkpointing_enable()
             return runner
 
         return measure(build, workload, arch, repeats=1, count_flops=False, phases=("train",))
@@ -216,7 +216,7 @@ def _run_subprocess(spec: dict, timeout: float) -> dict:
     wall = time.perf_counter() - start
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
-            result = json.loads(line[len(RESULT_PREFIX):])
+            result = json.loads(line[len(RESULT_PREFIX) :])
             result["wall_s"] = wall
             return result
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -269,7 +269,7 @@ class _Worker:
             line, self.buffer = self.buffer.split(b"\n", 1)
             text = line.decode(errors="replace")
             if text.startswith(RESULT_PREFIX):  # other lines are the libraries' own prints
-                return json.loads(text[len(RESULT_PREFIX):])
+                return json.loads(text[len(RESULT_PREFIX) :])
 
     def call(self, command: str) -> dict:
         if self.error:
@@ -492,9 +492,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{wname:>14} fp32 matmul: {matmul_by_workload[wname]:.0f} GFLOP/s (best while it ran)", flush=True)
         for (aname, library), result in zip(keys, results, strict=True):
             rows.append({"workload": wname, "arch": aname, "library": library, "result": result})
-            summary = result.get("error") or result.get("skipped") or (
-                f"train {_seconds(result['train_s'])}, infer {_seconds(result['infer_s'])}, "
-                f"train peak {_mb(result['train_peak_bytes'])} MB"
+            summary = (
+                result.get("error")
+                or result.get("skipped")
+                or (
+                    f"train {_seconds(result['train_s'])}, infer {_seconds(result['infer_s'])}, "
+                    f"train peak {_mb(result['train_peak_bytes'])} MB"
+                )
             )
             print(f"{wname:>14} {aname:>5} {library:>12}: {summary}", flush=True)
 
@@ -586,7 +590,8 @@ def main(argv: list[str] | None = None) -> None:
         "ratios come from runs taken side by side). fp32 matmul 2048x2048: "
         f"{' / '.join(f'{m:.0f}' for m in matmul)} GFLOP/s at the start / end; the FLOP utilisation of a workload "
         "uses the best rate sampled between its steps ("
-        + ", ".join(f"{k} {v:.0f}" for k, v in matmul_by_workload.items()) + " GFLOP/s).",
+        + ", ".join(f"{k} {v:.0f}" for k, v in matmul_by_workload.items())
+        + " GFLOP/s).",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in _versions().items()),
         "",

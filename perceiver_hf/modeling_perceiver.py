@@ -363,9 +363,9 @@ class PerceiverSelfAttentionBlock(nn.ModuleList):
 class _CheckpointingMixin:
     """Runs a layer under activation checkpointing when `gradient_checkpointing` is on (training only).
 
-    transformers' `gradient_checkpointing_enable()` sets `gradient_checkpointing` and
-    `_gradient_checkpointing_func` on every module that has the attribute; plain-PyTorch users can set
-    `module.gradient_checkpointing = True` directly.
+    transformers' `activation_checkpointing_enable()` (`gradient_checkpointing_enable()` before v5) sets
+    `gradient_checkpointing` and `_gradient_checkpointing_func` on every module that has the attribute;
+    plain-PyTorch users can set `module.gradient_checkpointing = True` directly.
     """
 
     gradient_checkpointing = False

@@ -252,7 +252,7 @@ def test_converted_model_keeps_package_capabilities():
     torch.testing.assert_close(model(input_ids=input_ids).logits, eager_logits, atol=1e-4, rtol=1e-4)
 
     model.train()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     labels = torch.full_like(input_ids, -100)
     labels[:, 5] = input_ids[:, 5]
     loss = model(input_ids=input_ids, labels=labels).loss

@@ -102,7 +102,9 @@ def test_config_json_stays_plain_and_round_trips(tmp_path: Path) -> None:
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert loaded.modalities == config.modalities and loaded.pooling == "decoder"
     assert ModalitySpec.from_dict(AUDIO).to_dict() == AUDIO | {
-        "vocab_size": None, "split_across_layers": False, "spectrogram": False
+        "vocab_size": None,
+        "split_across_layers": False,
+        "spectrogram": False,
     }
 
 

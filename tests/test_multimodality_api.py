@@ -48,24 +48,24 @@ def count_key_value_projections(model: nn.Module) -> list[int]:
 
 def test_lucidrains_readme_perceiver_example() -> None:
     model = Perceiver(
-        input_channels = 3,          # number of channels for each token of the input
-        input_axis = 2,              # number of axis for input data (2 for images, 3 for video)
-        num_freq_bands = 6,          # number of freq bands, with original value (2 * K + 1)
-        max_freq = 10.,              # maximum frequency, hyperparameter depending on how fine the data is
-        depth = 6,                   # depth of net
-        num_latents = 256,           # number of latents, or induced set points, or centroids. different papers giving it different names  # noqa: E501
-        latent_dim = 512,            # latent dimension
-        cross_heads = 1,             # number of heads for cross attention. paper said 1
-        latent_heads = 8,            # number of heads for latent self attention, 8
-        cross_dim_head = 64,
-        latent_dim_head = 64,
-        num_classes = 1000,          # output number of classes
-        attn_dropout = 0.,
-        ff_dropout = 0.,
-        weight_tie_layers = False    # whether to weight tie layers (optional, as indicated in the diagram)
+        input_channels=3,  # number of channels for each token of the input
+        input_axis=2,  # number of axis for input data (2 for images, 3 for video)
+        num_freq_bands=6,  # number of freq bands, with original value (2 * K + 1)
+        max_freq=10.0,  # maximum frequency, hyperparameter depending on how fine the data is
+        depth=6,  # depth of net
+        num_latents=256,  # number of latents, or induced set points, or centroids. different papers giving it different names  # noqa: E501
+        latent_dim=512,  # latent dimension
+        cross_heads=1,  # number of heads for cross attention. paper said 1
+        latent_heads=8,  # number of heads for latent self attention, 8
+        cross_dim_head=64,
+        latent_dim_head=64,
+        num_classes=1000,  # output number of classes
+        attn_dropout=0.0,
+        ff_dropout=0.0,
+        weight_tie_layers=False,  # whether to weight tie layers (optional, as indicated in the diagram)
     )  # noqa: E251 (the README's spacing, as written)
 
-    img = torch.randn(1, 224, 224, 3) # 1 imagenet image, pixelized
+    img = torch.randn(1, 224, 224, 3)  # 1 imagenet image, pixelized
 
     with torch.no_grad():
         assert model(img).shape == (1, 1000)  # model(img) # (1, 1000)
@@ -79,25 +79,25 @@ def test_multimodality_readme_example_constructor_with_smaller_inputs() -> None:
     audio_inputs = torch.rand(size=(3, 441, 1), requires_grad=True)
 
     video_modality = InputModality(
-        name='video',
+        name="video",
         input_channels=3,  # number of channels for each token of the input
         input_axis=3,  # number of axes, 3 for video)
         num_freq_bands=6,  # number of freq bands, with original value (2 * K + 1)
-        max_freq=4.,  # maximum frequency, hyperparameter depending on how fine the data is
+        max_freq=4.0,  # maximum frequency, hyperparameter depending on how fine the data is
     )
     image_modality = InputModality(
-        name='image',
+        name="image",
         input_channels=3,  # number of channels for each token of the input
         input_axis=2,  # number of axes, 2 for images
         num_freq_bands=6,  # number of freq bands, with original value (2 * K + 1)
-        max_freq=4.,  # maximum frequency, hyperparameter depending on how fine the data is
+        max_freq=4.0,  # maximum frequency, hyperparameter depending on how fine the data is
     )
     audio_modality = InputModality(
-        name='audio',
+        name="audio",
         input_channels=1,  # number of channels for mono audio
         input_axis=1,  # number of axes, 2 for images
         num_freq_bands=6,  # number of freq bands, with original value (2 * K + 1)
-        max_freq=8.,  # maximum frequency, hyperparameter depending on how fine the data is
+        max_freq=8.0,  # maximum frequency, hyperparameter depending on how fine the data is
     )
     model = MultiModalityPerceiver(
         modalities=(video_modality, image_modality, audio_modality),
@@ -110,15 +110,13 @@ def test_multimodality_readme_example_constructor_with_smaller_inputs() -> None:
         cross_dim_head=64,
         latent_dim_head=64,
         num_classes=1000,  # output number of classes
-        attn_dropout=0.,
-        ff_dropout=0.,
+        attn_dropout=0.0,
+        ff_dropout=0.0,
         weight_tie_layers=True,
-        num_latent_blocks_per_layer=6  # Note that this parameter is 1 in the original Lucidrain implementation
+        num_latent_blocks_per_layer=6,  # Note that this parameter is 1 in the original Lucidrain implementation
         # whether to weight tie layers (optional, as indicated in the diagram)
     )
-    result = model({'image': image_inputs,
-                    'video': video_inputs,
-                    'audio': audio_inputs})
+    result = model({"image": image_inputs, "video": video_inputs, "audio": audio_inputs})
     assert result.shape == (3, 1000)
     result.sum().backward()  # gradients reach every input, as requires_grad=True asks
     for inputs in (image_inputs, video_inputs, audio_inputs):
@@ -128,9 +126,9 @@ def test_multimodality_readme_example_constructor_with_smaller_inputs() -> None:
 def test_lucidrains_readme_multimodality_example_with_cross_dim() -> None:
     """lucidrains' README version of the same example passes `cross_dim=64` and `depth=6` (constructor as
     written, smaller inputs)."""
-    video_modality = InputModality(name='video', input_channels=3, input_axis=3, num_freq_bands=6, max_freq=4.)
-    image_modality = InputModality(name='image', input_channels=3, input_axis=2, num_freq_bands=6, max_freq=4.)
-    audio_modality = InputModality(name='audio', input_channels=1, input_axis=1, num_freq_bands=6, max_freq=8.)
+    video_modality = InputModality(name="video", input_channels=3, input_axis=3, num_freq_bands=6, max_freq=4.0)
+    image_modality = InputModality(name="image", input_channels=3, input_axis=2, num_freq_bands=6, max_freq=4.0)
+    audio_modality = InputModality(name="audio", input_channels=1, input_axis=1, num_freq_bands=6, max_freq=8.0)
     model = MultiModalityPerceiver(
         modalities=(video_modality, image_modality, audio_modality),
         depth=6,  # depth of net
@@ -143,9 +141,9 @@ def test_lucidrains_readme_multimodality_example_with_cross_dim() -> None:
         cross_dim_head=64,
         latent_dim_head=64,
         num_classes=1000,  # output number of classes
-        attn_dropout=0.,
-        ff_dropout=0.,
-        weight_tie_layers=True
+        attn_dropout=0.0,
+        ff_dropout=0.0,
+        weight_tie_layers=True,
         # whether to weight tie layers (optional, as indicated in the diagram)
     )
     with torch.no_grad():
@@ -161,19 +159,19 @@ def test_multimodality_with_text_example() -> None:
     image_inputs = torch.rand(3, 32, 32, 3)
     text_inputs = torch.randint(0, 32000, (3, 512, 1))
     image_modality = InputModalityWithEmbedding(
-        name='image',
+        name="image",
         input_channels=3,  # number of channels for each token of the input
         input_axis=2,  # number of axes, 2 for images
         num_freq_bands=6,  # number of freq bands, with original value (2 * K + 1)
-        max_freq=4.,  # maximum frequency, hyperparameter depending on how fine the data is
+        max_freq=4.0,  # maximum frequency, hyperparameter depending on how fine the data is
     )
     text_modality = InputModalityWithEmbedding(
-        name='text',
+        name="text",
         input_channels=1,  # 1 channel for long ids representing tokens
         input_axis=1,  # number of axes, 2 for images
         num_freq_bands=6,  # number of freq bands, with original value (2 * K + 1)
-        max_freq=8.,  # maximum frequency, hyperparameter depending on how fine the data is
-        embedding=Embedding(32000, text_embedding_dim)
+        max_freq=8.0,  # maximum frequency, hyperparameter depending on how fine the data is
+        embedding=Embedding(32000, text_embedding_dim),
     )
     model = MultiModalityWithTextPerceiver(
         modalities=(image_modality, text_modality),
@@ -187,15 +185,14 @@ def test_multimodality_with_text_example() -> None:
         cross_dim_head=64,
         latent_dim_head=64,
         num_classes=num_classes,  # output number of classes
-        attn_dropout=0.,
-        ff_dropout=0.,
+        attn_dropout=0.0,
+        ff_dropout=0.0,
         weight_tie_layers=True,
         # whether to weight tie layers (optional, as indicated in the diagram)
     )
     calls = count_key_value_projections(model)
     with torch.no_grad():
-        result = model({'image': image_inputs,
-                        'text': text_inputs})
+        result = model({"image": image_inputs, "text": text_inputs})
     assert result.shape == (3, num_classes)
     # Each layer sees its own slice of the text embedding, so no two layers share keys and values.
     assert len(calls) == depth
