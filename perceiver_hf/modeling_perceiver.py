@@ -774,6 +774,18 @@ def _attn_implementation(config: PerceiverConfig) -> str:
     return config._attn_implementation or "sdpa"
 
 
+def _resized_table(old: nn.Parameter, num_rows: int, init_new_rows) -> nn.Parameter:
+    """A `(num_rows, C)` copy of the table `old`: its first `min(old rows, num_rows)` rows are kept, the others
+    come from `init_new_rows` (an in-place `nn.init` function); trainable iff `old` is, so a frozen part stays
+    frozen."""
+    new = torch.empty(num_rows, old.shape[1], device=old.device, dtype=old.dtype)
+    init_new_rows(new)
+    num_kept = min(old.shape[0], num_rows)
+    with torch.no_grad():
+        new[:num_kept] = old[:num_kept]
+    return nn.Parameter(new, requires_grad=old.requires_grad)
+
+
 class PerceiverPreTrainedModel(PreTrainedModel):
     """Base class of the Perceiver IO models: weight initialisation, attention choice, checkpointing."""
 
@@ -854,17 +866,12 @@ class PerceiverPreTrainedModel(PreTrainedModel):
             raise ValueError(
                 f"new_num_position_embeddings must be a positive integer, got {new_num_position_embeddings!r}"
             )
-        old = self.get_position_embeddings()
-        num_kept = min(old.weight.shape[0], new_num_position_embeddings)
-        new = LearnedPositionEncoding(new_num_position_embeddings, old.weight.shape[1])
-        new.to(device=old.weight.device, dtype=old.weight.dtype)
-        with torch.no_grad():
-            new.weight.normal_(std=self.config.initializer_range)
-            new.weight[:num_kept] = old.weight[:num_kept]
-        new.weight.requires_grad_(old.weight.requires_grad)  # a frozen encoder stays frozen
-        adapter = self.base_model.encoder.input_adapter
-        adapter.position_embedding = new
-        adapter.max_seq_len = new_num_position_embeddings
+        positions = self.get_position_embeddings()
+        std = self.config.initializer_range
+        positions.weight = _resized_table(
+            positions.weight, new_num_position_embeddings, partial(nn.init.normal_, std=std)
+        )
+        self.base_model.encoder.input_adapter.max_seq_len = new_num_position_embeddings
         self.config.max_position_embeddings = new_num_position_embeddings
 
 
@@ -994,14 +1001,10 @@ class PerceiverForMaskedLM(PerceiverPreTrainedModel):
         """Resize the input positions (see the base class) and the decoder's per-position output queries
         alike: the first `min(old, new)` queries keep their trained values, added ones are new."""
         super().resize_position_embeddings(new_num_position_embeddings)
-        old = self.decoder.output_query
-        num_kept = min(old.shape[0], new_num_position_embeddings)
-        new = torch.empty(new_num_position_embeddings, old.shape[1], device=old.device, dtype=old.dtype)
         std = self.config.initializer_range
-        nn.init.trunc_normal_(new, std=std, a=-2 * std, b=2 * std)
-        new[:num_kept] = old.detach()[:num_kept]
-        self.decoder.output_query = nn.Parameter(new, requires_grad=old.requires_grad)
-        self.decoder.output_adapter.output_shape = (new_num_position_embeddings, old.shape[1])
+        init_query = partial(nn.init.trunc_normal_, std=std, a=-2 * std, b=2 * std)  # as in _init_weights
+        self.decoder.output_query = _resized_table(self.decoder.output_query, new_num_position_embeddings, init_query)
+        self.decoder.output_adapter.output_shape = tuple(self.decoder.output_query.shape)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.decoder.output_adapter.linear
