@@ -19,8 +19,9 @@ Supported transformers classes (and DeepMind's checkpoints of them):
   preprocessing and `image_conv_padding="transformers"` (transformers pads the stem differently from
   DeepMind's TensorFlow "SAME" padding: 224 pixels give 55x55 positions, not 56x56; see `ConvDownsample`).
 
-The image classifiers come with a `PerceiverImageProcessor` for their configured image size
-(ImageNet mean and std; no center crop).
+The image classifiers come with a `PerceiverImageProcessor` that feeds them like transformers' own
+processor does for DeepMind's ImageNet checkpoints: center crop of 224/256 of the shorter side, bicubic
+resize to the configured image size, ImageNet mean and std.
 
 Python:
 
@@ -46,6 +47,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.image_utils import PILImageResampling
 
 from .configuration_perceiver import PerceiverConfig
 from .image_processing_perceiver import PerceiverImageProcessor
@@ -333,7 +335,16 @@ def _convert_image_classifier(hf_model: nn.Module):
     )
     model = PerceiverForImageClassification(config)
     _load_mapped(model, state, mapping)
-    return model, PerceiverImageProcessor.from_perceiver_config(config)
+    # transformers' `PerceiverImageProcessor` defaults (DeepMind's ImageNet evaluation): keep the central
+    # 224/256 of the shorter side, bicubic resize. The crop ratio stays 224/256 for any configured size.
+    height, width = config.image_size
+    image_processor = PerceiverImageProcessor.from_perceiver_config(
+        config,
+        do_center_crop=True,
+        crop_size={"height": round(height * 256 / 224), "width": round(width * 256 / 224)},
+        resample=PILImageResampling.BICUBIC,
+    )
+    return model, image_processor
 
 
 def _load_mapped(

@@ -2,7 +2,7 @@
 
 `PerceiverImageProcessor` turns PIL images, NumPy arrays or torch tensors into the `pixel_values`
 `(B, C, H, W)` float32 batch that `PerceiverForImageClassification` takes: optional grayscale or RGB
-conversion, resize, rescale (to [0, 1]) and normalize. It is registered with `AutoImageProcessor`
+conversion, optional center crop, resize, rescale (to [0, 1]) and normalize. It is registered with `AutoImageProcessor`
 for `PerceiverConfig`, so `save_pretrained` beside a model makes `pipeline("image-classification",
 model=<dir>)` work.
 """
@@ -21,6 +21,7 @@ from transformers.image_utils import (
     IMAGENET_DEFAULT_STD,
     ChannelDimension,
     PILImageResampling,
+    SizeDict,
     infer_channel_dimension_format,
 )
 from transformers.processing_utils import ImagesKwargs
@@ -44,14 +45,20 @@ class PerceiverImageProcessorKwargs(ImagesKwargs, total=False):
 class PerceiverImageProcessor(PilBackend):
     r"""Image processor for Perceiver IO image models (PIL/NumPy backend).
 
-    Processing order: grayscale or RGB conversion, resize, rescale, normalize. The output is
-    `pixel_values` `(batch, channels, height, width)` float32.
+    Processing order: grayscale or RGB conversion, center crop, resize, rescale, normalize. The output
+    is `pixel_values` `(batch, channels, height, width)` float32.
 
     Args:
         do_convert_rgb (`bool`, *optional*, defaults to `True`):
             Convert images to 3-channel RGB (alpha composited onto white). Set `False` for grayscale models.
         do_convert_grayscale (`bool`, *optional*, defaults to `False`):
             Convert images to one luminance channel. Cannot be combined with `do_convert_rgb`.
+        do_center_crop (`bool`, *optional*, defaults to `False`):
+            Crop the image's centre before resizing, the way DeepMind's ImageNet models were evaluated (and
+            transformers' `PerceiverImageProcessor` does): the crop is `size / crop_size` of the image's
+            shorter side, so 224 / 256 keeps the central 87.5%, whatever the image's size.
+        crop_size (`dict[str, int]`, *optional*, defaults to `{"height": 256, "width": 256}`):
+            The reference size of that ratio (not an output size in pixels).
         do_resize (`bool`, *optional*, defaults to `True`):
             Resize to `size`.
         size (`dict[str, int]`, *optional*, defaults to `{"height": 224, "width": 224}`):
@@ -85,6 +92,8 @@ class PerceiverImageProcessor(PilBackend):
     image_mean = IMAGENET_DEFAULT_MEAN
     image_std = IMAGENET_DEFAULT_STD
     size = {"height": 224, "width": 224}
+    crop_size = {"height": 256, "width": 256}
+    do_center_crop = False
     do_resize = True
     do_rescale = True
     do_normalize = True
@@ -168,7 +177,32 @@ class PerceiverImageProcessor(PilBackend):
             input_data_format = None  # a (height, width) array or single-channel PIL image now
         return super().process_image(image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format)
 
-    def _preprocess(self, images: list[np.ndarray], return_tensors: Any = None, **kwargs: Any) -> BatchFeature:
+    def center_crop(self, image: np.ndarray, size: SizeDict, crop_size: SizeDict, **kwargs: Any) -> np.ndarray:
+        """The central `(size / crop_size) * min(height, width)` pixels of a channels-first image: a crop
+        relative to the image, so that the resize after it keeps the same field of view at any image size."""
+        for name, value in (("size", size), ("crop_size", crop_size)):
+            if value.height is None or value.width is None:
+                raise ValueError(f"{name} must have 'height' and 'width' for the center crop, got {dict(value)}")
+        shorter_side = min(image.shape[-2:])
+        relative = SizeDict(
+            height=int(size.height / crop_size.height * shorter_side),
+            width=int(size.width / crop_size.width * shorter_side),
+        )
+        return super().center_crop(image, relative, **kwargs)
+
+    def _preprocess(
+        self,
+        images: list[np.ndarray],
+        do_center_crop: bool = False,
+        size: SizeDict | None = None,
+        crop_size: SizeDict | None = None,
+        return_tensors: Any = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        # The crop comes before the resize (the base class crops after it, to an absolute size).
+        if do_center_crop:
+            images = [self.center_crop(image, size=size, crop_size=crop_size) for image in images]
+        kwargs |= {"do_center_crop": False, "size": size, "crop_size": crop_size}
         processed = super()._preprocess(images, return_tensors=None, **kwargs)["pixel_values"]
         # Without rescale/normalize the arrays keep the input dtype (uint8); models take float32.
         pixel_values = [np.asarray(image, dtype=np.float32) for image in processed]

@@ -19,6 +19,8 @@ from transformers import (
 )
 from transformers import PerceiverConfig as TransformersPerceiverConfig
 from transformers import PerceiverForMaskedLM as TransformersPerceiverForMaskedLM
+from transformers.image_utils import PILImageResampling
+from transformers.models.perceiver.image_processing_pil_perceiver import PerceiverImageProcessorPil
 from transformers.models.perceiver.modeling_perceiver import PerceiverImagePreprocessor, PerceiverModel
 
 import perceiver_hf
@@ -170,6 +172,15 @@ def test_converted_image_classifier_saves_loads_trains_and_runs_in_pipeline(name
 
     image = PIL.Image.fromarray(torch.randint(0, 256, (40, 30, 3), dtype=torch.uint8).numpy())
     pixel_values = image_processor(image, return_tensors="pt")["pixel_values"]
+    # Fed like transformers' own processor feeds DeepMind's checkpoints: central 224/256, bicubic.
+    assert image_processor.do_center_crop and image_processor.resample == PILImageResampling.BICUBIC
+    height, width = model.config.image_size
+    assert image_processor.crop_size.height == round(height * 256 / 224) and image_processor.size.width == width
+    if model.config.image_size == [224, 224]:
+        transformers_processor = PerceiverImageProcessorPil()
+        torch.testing.assert_close(
+            pixel_values, transformers_processor(image, return_tensors="pt")["pixel_values"], atol=0, rtol=0
+        )
     with torch.no_grad():
         expected = reference(pixel_values=pixel_values).logits
         torch.testing.assert_close(model.eval()(pixel_values=pixel_values).logits, expected, atol=TOLERANCE, rtol=0)

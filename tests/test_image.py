@@ -357,6 +357,44 @@ def test_processor_rejects_both_conversions() -> None:
         PerceiverImageProcessor()(images, do_convert_grayscale=True)
 
 
+@pytest.mark.parametrize("height, width", [(300, 400), (500, 333), (256, 256), (37, 41)])
+def test_processor_center_crop_matches_transformers_perceiver_processor(height: int, width: int) -> None:
+    # transformers' processor crops the central 224/256 of the shorter side, then resizes (bicubic).
+    from transformers.models.perceiver.image_processing_pil_perceiver import PerceiverImageProcessorPil
+
+    theirs = PerceiverImageProcessorPil()
+    ours = PerceiverImageProcessor(do_center_crop=True, resample=PIL.Image.Resampling.BICUBIC)
+    rng = np.random.default_rng(height)
+    channels_last = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    for image in (PIL.Image.fromarray(channels_last), channels_last, np.moveaxis(channels_last, -1, 0)):
+        expected = theirs(images=[image], return_tensors="pt")["pixel_values"]
+        actual = ours(images=[image], return_tensors="pt")["pixel_values"]
+        assert actual.shape == (1, 3, 224, 224)
+        torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+    # The crop is relative: without it the same image is squeezed, not cropped, into 224x224.
+    uncropped = PerceiverImageProcessor(resample=PIL.Image.Resampling.BICUBIC)(images=[channels_last])
+    assert not np.allclose(uncropped["pixel_values"][0], expected[0].numpy())
+
+
+def test_processor_reads_transformers_style_preprocessor_config(tmp_path: Path) -> None:
+    # The preprocessor_config.json of DeepMind's vision checkpoints: integer sizes, bicubic (3).
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "PerceiverImageProcessor", "crop_size": 256, "size": 224, "resample": 3,
+        "do_center_crop": True, "do_resize": True, "do_normalize": True,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+    }))  # fmt: skip
+    processor = PerceiverImageProcessor.from_pretrained(tmp_path)
+    assert processor.do_center_crop and processor.crop_size.height == 256 and processor.size.width == 224
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 90, 3), dtype=np.uint8))
+    side = int(224 / 256 * 90)  # 78: the crop is square, a ratio of the shorter side
+    top, left = (120 - side) // 2, (90 - side) // 2
+    cropped = image.crop((left, top, left + side, top + side))
+    torch.testing.assert_close(
+        processor(image, return_tensors="pt")["pixel_values"],
+        processor(cropped, do_center_crop=False, return_tensors="pt")["pixel_values"],
+    )
+
+
 def test_processor_round_trip_through_auto_image_processor(tmp_path: Path) -> None:
     config = tiny_image_config(image_size=[12, 10], num_channels=1)
     processor = PerceiverImageProcessor.from_perceiver_config(config, image_mean=[0.1307], image_std=[0.3081])
