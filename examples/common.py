@@ -156,10 +156,20 @@ def _parse_number(value: str, kind: type) -> Any:
         ) from None
 
 
+def argument_group(parser: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
+    """The parser's option group called `title` (``build_parser``'s "data", "training" or "run"), made if
+    missing: a script's own data options then show under the shared "data" heading of ``--help``."""
+    for group in parser._action_groups:
+        if group.title == title:
+            return group
+    return parser.add_argument_group(title)
+
+
 def build_parser(description: str) -> argparse.ArgumentParser:
     """Create a parser holding the data, training and run options that every example shares.
 
-    A script adds its own group (``parser.add_argument_group("model")``) and changes defaults with
+    A script adds its own group (``parser.add_argument_group("model")``), its own options to a shared
+    group (``argument_group(parser, "data")``) and changes defaults with
     ``parser.set_defaults(...)``; ``-h`` shows every option with its default.
     """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -38,6 +38,7 @@ from common import (
     BatchSeededCollator,
     accuracy_evaluator,
     add_layout_arguments,
+    argument_group,
     build_dataloaders,
     build_parser,
     create_hub_repo,
@@ -74,7 +75,7 @@ HUB_SPLITS = {"train": "train", "validation": "test"}
 
 def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser(__doc__.splitlines()[0])
-    parser.add_argument_group("data").add_argument(
+    argument_group(parser, "data").add_argument(
         "--audio_column", default="audio", help="Column holding the audio (an Audio feature or {bytes, path})."
     )
 

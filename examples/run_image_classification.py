@@ -40,6 +40,7 @@ from common import (
     BatchSeededCollator,
     accuracy_evaluator,
     add_layout_arguments,
+    argument_group,
     build_dataloaders,
     build_parser,
     check_training_column,
@@ -91,13 +92,14 @@ ORIGINAL_API_FILE = "model_api_original.json"
 
 def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser(__doc__.splitlines()[0])
-    parser.add_argument_group("data").add_argument(
+    data = argument_group(parser, "data")
+    data.add_argument(
         "--image_folder",
         default=None,
         help="A local folder loaded with the `imagefolder` builder: <dir>/<split>/<class name>/<image files>; its "
         "'validation' (or else 'test') split validates. Instead of --train_file / --dataset_name.",
     )
-    parser.add_argument_group("data").add_argument(
+    data.add_argument(
         "--image_column", default="image", help="Column holding the images (PIL images or encoded image bytes)."
     )
 

@@ -34,6 +34,7 @@ from common import (
     EXAMPLES_DIR,
     BatchSeededCollator,
     accuracy_evaluator,
+    argument_group,
     build_dataloader,
     build_parser,
     create_hub_repo,
@@ -69,7 +70,7 @@ MODALITIES = ("image", "audio")
 
 def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser(__doc__.splitlines()[0])
-    data = parser.add_argument_group("data")
+    data = argument_group(parser, "data")
     data.add_argument("--mnist_dir", default=None, help="Folder with MNIST train.parquet and test.parquet.")
     data.add_argument("--fsdd_dir", default=None, help="Folder with FSDD train.parquet and test.parquet.")
     data.add_argument("--image_column", default="image", help="Column holding the images.")

@@ -77,6 +77,20 @@ def test_bad_options_name_the_option_and_value(argv: list[str], message: str, ca
     assert message.replace("\\", "") in capsys.readouterr().err or pytest.fail(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize(
+    "script", ["run_mlm", "run_text_classification", "run_image_classification", "run_audio_classification",
+               "run_multimodal_classification"],
+)  # fmt: skip
+def test_help_shows_each_option_group_once(script: str, monkeypatch, capsys) -> None:
+    monkeypatch.syspath_prepend(str(EXAMPLES_DIR))
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(script).parse_cli(["--help"])
+    assert exit_info.value.code == 0
+    headings = [line for line in capsys.readouterr().out.splitlines() if line and line[0] != " " and line[-1] == ":"]
+    assert {"data:", "training:", "run:"} <= set(headings)
+    assert len(headings) == len(set(headings)), headings
+
+
 def test_defaults_fill_the_evaluation_batch_size() -> None:
     args = parse("--batch_size", "7")
     assert args.eval_batch_size == 7 and args.lr_scheduler == "onecycle" and args.mixed_precision == "no"
