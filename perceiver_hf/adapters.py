@@ -226,14 +226,15 @@ class ImageInputAdapter(InputAdapter):
     features (DeepMind's "conv1x1" is "pixels" with a projection). Position features are computed on
     the preprocessed grid, optionally projected linearly (`num_position_projection_channels`, DeepMind's
     `project_pos_dim`). Fourier features are cached per shape, device and dtype, and serve images of
-    other sizes than configured (with the configured `max_frequencies`); learned positions fix the size.
+    other sizes than configured (with the configured `max_frequencies`); learned positions fix the size
+    unless `forward(..., interpolate_pos_encoding=True)` resizes them.
 
     Args:
         image_shape: configured `(height, width, channels)`.
         num_frequency_bands: Fourier frequency bands per spatial axis.
         max_frequencies: highest frequency per axis (the preprocessed grid of the configured size when
             `None`: the Nyquist frequency of that grid).
-        position_encoding: `"fourier"` or `"learned"` (learned positions fix the image size).
+        position_encoding: `"fourier"` or `"learned"` (learned positions fix the image size; see `forward`).
         num_position_channels: width of learned position embeddings.
         num_position_projection_channels: width of a linear projection of the position features (`None`:
             none).
@@ -375,24 +376,39 @@ class ImageInputAdapter(InputAdapter):
         x = space_to_depth(images, s) if self.preprocessing == "patches" else images[:, ::s, ::s] if s > 1 else images
         return self.projection(x) if hasattr(self, "projection") else x
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """`images` `(B, H, W, C)` or `(B, C, H, W)` -> `(B, H'*W', C' + P)` input features.
+
+        `interpolate_pos_encoding`: learned positions are resized (bicubic, as transformers' and ViT's
+        `interpolate_pos_encoding`) to images of another size than configured; Fourier features fit any
+        size without it.
+        """
         images = self.to_channels_last(images)  # (B, H, W, C)
         x = self.preprocess(images)  # (B, H', W', C')
         b, *grid, c = x.shape
         if self.position_encoding_type == "fourier":
             positions = self.position_encoding(grid, x.device, x.dtype)  # (H'*W', P)
+        elif tuple(grid) == self.grid_shape:
+            positions = self.position_encoding(math.prod(grid))  # (H'*W', P)
+        elif interpolate_pos_encoding:
+            positions = self.interpolated_positions(tuple(grid))
         else:
-            if tuple(grid) != self.grid_shape:
-                raise ValueError(
-                    f"images of size {tuple(images.shape[1:3])} do not match the learned positions of the "
-                    f"configured size {self.spatial_shape}; "
-                    "use Fourier position encoding for variable sizes"
-                )
-            positions = self.position_encoding(math.prod(grid))
+            raise ValueError(
+                f"images of size {tuple(images.shape[1:3])} do not match the learned positions of the "
+                f"configured size {self.spatial_shape}; pass interpolate_pos_encoding=True to resize the "
+                "positions, or use Fourier position encoding for variable sizes"
+            )
         if hasattr(self, "position_projection"):
             positions = self.position_projection(positions)  # (H'*W', P')
         features = x.reshape(b, -1, c)  # (B, H'*W', C')
         return torch.cat([features, positions.expand(b, -1, -1)], dim=-1)  # (B, H'*W', C' + P)
+
+    def interpolated_positions(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The learned `(H0*W0, P)` position table resized to `grid` `(H', W')` -> `(H'*W', P)`."""
+        table = self.position_encoding.weight  # (H0*W0, P)
+        table = table.reshape(1, *self.grid_shape, -1).permute(0, 3, 1, 2)  # (1, P, H0, W0)
+        resized = nn.functional.interpolate(table, size=grid, mode="bicubic", align_corners=False)  # (1, P, H', W')
+        return resized.flatten(2).squeeze(0).transpose(0, 1)  # (H'*W', P)
 
 
 class TextOutputAdapter(OutputAdapter):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -530,6 +531,7 @@ class PerceiverEncoder(_CheckpointingMixin, nn.Module):
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        **adapter_kwargs: Any,
     ) -> BaseModelOutputWithCrossAttentions:
         """
         Args:
@@ -537,6 +539,7 @@ class PerceiverEncoder(_CheckpointingMixin, nn.Module):
             attention_mask: `(B, N)`, 1 for input positions to attend to, 0 for padding. An adapter with
                 `adapts_attention_mask = True` takes the caller's mask with the inputs and returns the `(B, N)`
                 mask with its output (`(x, mask)`), e.g. audio samples -> patches, or a mask per modality.
+            adapter_kwargs: options of the input adapter's forward (`interpolate_pos_encoding` of images).
 
         An adapter may return a list of `num_cross_attention_layers` arrays `(B, N, C)` instead of one: cross-attention
         layer `i` then attends to array `i` (e.g. text embedding channels split across layers).
@@ -550,9 +553,9 @@ class PerceiverEncoder(_CheckpointingMixin, nn.Module):
             x = inputs
         elif getattr(self.input_adapter, "adapts_attention_mask", False):
             # Adapters of padded or combined inputs (audio, multimodal) map the caller's masks to input positions.
-            x, attention_mask = self.input_adapter(inputs, attention_mask)
+            x, attention_mask = self.input_adapter(inputs, attention_mask, **adapter_kwargs)
         else:
-            x = self.input_adapter(inputs)  # (B, N, C)
+            x = self.input_adapter(inputs, **adapter_kwargs)  # (B, N, C)
         # An adapter may give each cross-attention layer its own array over the same positions (text split across
         # layers); a single array serves every layer.
         layer_inputs = list(x) if isinstance(x, (list, tuple)) else [x] * self.num_cross_attention_layers
@@ -926,6 +929,7 @@ class PerceiverModel(PerceiverPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        interpolate_pos_encoding: bool = False,
     ) -> BaseModelOutputWithCrossAttentions | tuple:
         """
         Args:
@@ -933,6 +937,8 @@ class PerceiverModel(PerceiverPreTrainedModel):
             attention_mask: `(B, N)`, 1 for tokens, 0 for padding.
             pixel_values: `(B, C, H, W)` or `(B, H, W, C)` images (image adapter).
             inputs: raw inputs for any adapter (instead of `input_ids` / `pixel_values`).
+            interpolate_pos_encoding: resize learned image positions to images of another size than
+                configured (bicubic, as transformers'); Fourier features need no resizing.
 
         Returns:
             `BaseModelOutputWithCrossAttentions` whose `last_hidden_state` is the latents `(B, L, D)`.
@@ -951,11 +957,20 @@ class PerceiverModel(PerceiverPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        adapter_kwargs = {}
+        if interpolate_pos_encoding:
+            if not isinstance(self.input_adapter, ImageInputAdapter):
+                raise ValueError(
+                    "interpolate_pos_encoding=True applies to image models (input_adapter='image'), "
+                    f"this model's input_adapter is {self.config.input_adapter!r}"
+                )
+            adapter_kwargs["interpolate_pos_encoding"] = True
         outputs = self.encoder(
             raw_inputs,
             attention_mask=attention_mask,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            **adapter_kwargs,
         )
         return outputs if return_dict else outputs.to_tuple()
 
@@ -1241,7 +1256,9 @@ class PerceiverForImageClassification(_PerceiverClassificationModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        interpolate_pos_encoding: bool = False,
     ) -> ImageClassifierOutput | tuple:
+        """`interpolate_pos_encoding`: resize learned positions to images of another size than configured."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if pixel_values is None:
             raise ValueError("pixel_values is required")
@@ -1250,5 +1267,6 @@ class PerceiverForImageClassification(_PerceiverClassificationModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            interpolate_pos_encoding=interpolate_pos_encoding,
         )
         return self._classify(encoded, labels, output_attentions, return_dict, ImageClassifierOutput)

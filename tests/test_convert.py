@@ -160,6 +160,19 @@ def test_image_classifier_logits_match(name):
         assert not torch.allclose(stem.running_var, torch.ones_like(stem.running_var))
 
 
+@pytest.mark.parametrize("name", ["learned", "learned_projected_positions_24_to_20"])
+def test_interpolated_learned_positions_match_transformers(name):
+    build, size = IMAGE_CLASSIFIERS[name]
+    reference = _randomize(build(TransformersPerceiverConfig(**IMAGE_CONFIG)), seed=10)
+    model, _ = convert_transformers_perceiver(reference)
+    pixel_values = torch.randn(2, 3, size + 5, size + 5, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        expected = reference(pixel_values=pixel_values, interpolate_pos_encoding=True).logits
+        actual = model(pixel_values=pixel_values, interpolate_pos_encoding=True).logits
+    assert expected.abs().max() > 1.0
+    assert (actual - expected).abs().max() < TOLERANCE
+
+
 @pytest.mark.parametrize("name", ["learned", "conv_even_size"])
 def test_converted_image_classifier_saves_loads_trains_and_runs_in_pipeline(name, tmp_path):
     build, _ = IMAGE_CLASSIFIERS[name]

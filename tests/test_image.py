@@ -16,7 +16,7 @@ import PIL.Image
 import pytest
 import torch
 from conftest import DATA_DIR, REPO_ROOT
-from perceiver_tester import tiny_image_config
+from perceiver_tester import tiny_image_config, tiny_text_config
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 from transformers.models.perceiver.modeling_perceiver import Conv2DDownsample as TransformersConv2DDownsample
@@ -28,6 +28,7 @@ from perceiver_hf import (
     PerceiverConfig,
     PerceiverForImageClassification,
     PerceiverImageProcessor,
+    PerceiverModel,
     fourier_features,
 )
 from perceiver_hf.adapters import ConvDownsample, _same_padding, space_to_depth
@@ -128,6 +129,25 @@ def test_learned_positions_fix_the_image_size() -> None:
     assert adapter.position_encoding.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match=r"images of size \(7, 5\) do not match the learned positions"):
         model(pixel_values=torch.randn(2, 3, 7, 5))
+
+
+def test_interpolate_pos_encoding_resizes_learned_positions() -> None:
+    model = PerceiverForImageClassification(tiny_image_config(image_position_encoding="learned")).eval()
+    adapter = model.perceiver.input_adapter
+    images = torch.randn(2, 3, 6, 5)
+    with torch.no_grad():
+        # At the configured size nothing changes; the resized table keeps a constant table constant.
+        torch.testing.assert_close(model(pixel_values=images, interpolate_pos_encoding=True).logits,
+                                   model(pixel_values=images).logits)  # fmt: skip
+        assert model(pixel_values=torch.randn(2, 3, 9, 4), interpolate_pos_encoding=True).logits.shape == (2, 3)
+        channels = adapter.position_encoding.weight.shape[1]
+        constant_per_channel = torch.linspace(-1, 1, channels)
+        adapter.position_encoding.weight.copy_(constant_per_channel.expand(6 * 5, channels))
+        resized = adapter.interpolated_positions((9, 4))
+        torch.testing.assert_close(resized, constant_per_channel.expand(9 * 4, channels))
+    text_model = PerceiverModel(tiny_text_config())
+    with pytest.raises(ValueError, match="interpolate_pos_encoding=True applies to image models"):
+        text_model(input_ids=torch.ones(1, 4, dtype=torch.long), interpolate_pos_encoding=True)
 
 
 def test_space_to_depth_matches_transformers() -> None:
