@@ -77,9 +77,13 @@ class TextInputAdapter(InputAdapter):
             _require_positive_int(name, value)
         super().__init__(num_input_channels)
         self.vocab_size = vocab_size
-        self.max_seq_len = max_seq_len
         self.token_embedding = nn.Embedding(vocab_size, num_input_channels)
         self.position_embedding = LearnedPositionEncoding(max_seq_len, num_input_channels)
+
+    @property
+    def max_seq_len(self) -> int:
+        """The number of learned positions: the position table's rows (`resize_position_embeddings` changes it)."""
+        return self.position_embedding.weight.shape[0]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.ndim != 2:

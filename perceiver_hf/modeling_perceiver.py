@@ -874,7 +874,6 @@ class PerceiverPreTrainedModel(PreTrainedModel):
         positions.weight = _resized_table(
             positions.weight, new_num_position_embeddings, partial(nn.init.normal_, std=std)
         )
-        self.base_model.encoder.input_adapter.max_seq_len = new_num_position_embeddings
         self.config.max_position_embeddings = new_num_position_embeddings
 
 
