@@ -908,7 +908,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()  # every process has written its part (e.g. its RNG state)
     if accelerator.is_main_process:
         if processor is not None:
-            processor.save_pretrained(partial)
+            save_processor(processor, partial)
         (partial / _PROGRESS_FILE).write_text(json.dumps({"completed_steps": step}) + "\n")
         if final.exists():  # the same step saved by an earlier run into this output_dir
             shutil.rmtree(final)
@@ -1213,9 +1213,24 @@ def save_model(
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.save_pretrained(output_dir, is_main_process=accelerator.is_main_process)
     if accelerator.is_main_process and processor is not None:
-        processor.save_pretrained(output_dir)
+        save_processor(processor, output_dir)
     accelerator.wait_for_everyone()
     logger.info(f"Saved the model to {output_dir}")
+
+
+def save_processor(processor: Any, directory: str | os.PathLike) -> None:
+    """``save_pretrained`` of a tokenizer or processor, without the state of its last call.
+
+    A fast tokenizer's Rust backend keeps the truncation and padding of its last call and writes them into
+    tokenizer.json, so the saved file would depend on whether ``datasets.map`` tokenized or read its cache.
+    transformers sets both on every call anyway, so clearing them changes no behaviour.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)  # a multimodal processor holds one
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_truncation()
+        backend.no_padding()
+    processor.save_pretrained(directory)
 
 
 def create_hub_repo(accelerator: Accelerator, args: argparse.Namespace) -> str | None:

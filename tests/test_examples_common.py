@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from datasets import Dataset, DatasetDict
 from torch import nn
+from transformers import AutoTokenizer
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
@@ -321,3 +322,21 @@ def test_checkpoint_round_trip_and_latest(tmp_path: Path, accelerator: Accelerat
     resume = common.load_checkpoint(accelerator, latest, steps_per_epoch=5, gradient_accumulation_steps=2)
     assert torch.equal(model.weight, saved)
     assert (resume.completed_steps, resume.epoch, resume.batches_to_skip) == (12, 2, 4)
+
+
+def test_saved_tokenizer_does_not_depend_on_its_last_call(accelerator, wordpiece_tokenizer, tmp_path: Path) -> None:
+    """tokenizer.json must not record the truncation/padding of the last call (a `datasets.map` cache hit
+    skips that call, so the saved file would differ between two identical runs)."""
+    from perceiver_tester import tiny_text_config
+
+    from perceiver_hf import PerceiverForMaskedLM
+
+    model = PerceiverForMaskedLM(tiny_text_config(vocab_size=wordpiece_tokenizer.vocab_size))
+    wordpiece_tokenizer(["a long enough review text", "short"], truncation=True, max_length=4, padding=True)
+    common.save_model(accelerator, model, tmp_path / "called", wordpiece_tokenizer)
+    saved = json.loads((tmp_path / "called" / "tokenizer.json").read_text())
+    assert saved["truncation"] is None and saved["padding"] is None
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "called")
+    texts = ["a long enough review text to be cut", "short"]
+    assert reloaded(texts)["input_ids"] == wordpiece_tokenizer(texts)["input_ids"]
+    assert len(reloaded(texts, truncation=True, max_length=5)["input_ids"][0]) == 5
