@@ -76,9 +76,13 @@ class TextInputAdapter(InputAdapter):
         ):  # fmt: skip
             _require_positive_int(name, value)
         super().__init__(num_input_channels)
-        self.vocab_size = vocab_size
         self.token_embedding = nn.Embedding(vocab_size, num_input_channels)
         self.position_embedding = LearnedPositionEncoding(max_seq_len, num_input_channels)
+
+    @property
+    def vocab_size(self) -> int:
+        """The number of token ids: the embedding's rows (`resize_token_embeddings` changes it)."""
+        return self.token_embedding.num_embeddings
 
     @property
     def max_seq_len(self) -> int:

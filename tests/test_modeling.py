@@ -22,6 +22,7 @@ from perceiver_tester import (
     tiny_text_config,
 )
 from torch import nn
+from transformers import AutoModelForMaskedLM
 
 from perceiver_hf import (
     ClassificationOutputAdapter,
@@ -675,6 +676,33 @@ def test_resize_position_embeddings_shrinks_and_keeps_a_frozen_encoder_frozen() 
     mlm.resize_position_embeddings(16)
     assert mlm.decoder.output_query.requires_grad
     assert any(p is mlm.decoder.output_query for p in mlm.parameters())
+
+
+@pytest.mark.parametrize("tie_word_embeddings", [True, False], ids=["tied", "untied"])
+def test_resize_token_embeddings_adds_token_ids(tie_word_embeddings: bool, tmp_path) -> None:
+    """transformers' `resize_token_embeddings` (after adding tokens to a tokenizer): the old ids keep their
+    logits, the new ids are accepted as inputs and labels, and the new size round-trips."""
+    torch.manual_seed(0)
+    model = PerceiverForMaskedLM(tiny_text_config(tie_word_embeddings=tie_word_embeddings)).eval()
+    old_vocab = model.config.vocab_size
+    input_ids, attention_mask = text_batch(model.config, [9, 6])
+    with torch.no_grad():  # a live graph would keep the old parameter shapes for backward (PyTorch, any model)
+        before = model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    model.resize_token_embeddings(old_vocab + 9)
+    assert model.config.vocab_size == old_vocab + 9
+    assert model.perceiver.input_adapter.vocab_size == old_vocab + 9
+    assert model.get_output_embeddings().out_features == old_vocab + 9
+    with torch.no_grad():
+        after = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(after[..., :old_vocab], before, rtol=0, atol=0)
+    new_ids = torch.full_like(input_ids, old_vocab + 8)
+    loss = model.train()(input_ids=new_ids, attention_mask=attention_mask, labels=new_ids).loss
+    loss.backward()
+    assert model.perceiver.input_adapter.token_embedding.weight.grad[old_vocab + 8].abs().sum() > 0
+    model.eval().save_pretrained(tmp_path)
+    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(input_ids=new_ids).logits, model(input_ids=new_ids).logits)
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, "64"])
