@@ -2,9 +2,9 @@
 
 `PerceiverImageProcessor` turns PIL images, NumPy arrays or torch tensors into the `pixel_values`
 `(B, C, H, W)` float32 batch that `PerceiverForImageClassification` takes: optional grayscale or RGB
-conversion, optional center crop, resize, rescale (to [0, 1]) and normalize. It is registered with `AutoImageProcessor`
-for `PerceiverConfig`, so `save_pretrained` beside a model makes `pipeline("image-classification",
-model=<dir>)` work.
+conversion, optional center crop, resize, rescale (to [0, 1]) and normalize. It is registered with
+`AutoImageProcessor` for `PerceiverConfig`, so `save_pretrained` beside a model makes
+`pipeline("image-classification", model=<dir>)` work.
 """
 
 from __future__ import annotations
