@@ -165,12 +165,13 @@ def test_interpolated_learned_positions_match_transformers(name):
     build, size = IMAGE_CLASSIFIERS[name]
     reference = _randomize(build(TransformersPerceiverConfig(**IMAGE_CONFIG)), seed=10)
     model, _ = convert_transformers_perceiver(reference)
-    pixel_values = torch.randn(2, 3, size + 5, size + 5, generator=torch.Generator().manual_seed(11))
-    with torch.no_grad():
-        expected = reference(pixel_values=pixel_values, interpolate_pos_encoding=True).logits
-        actual = model(pixel_values=pixel_values, interpolate_pos_encoding=True).logits
-    assert expected.abs().max() > 1.0
-    assert (actual - expected).abs().max() < TOLERANCE
+    for side in (size + 5, size - 3):  # larger and smaller than the learned grid
+        pixel_values = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(side))
+        with torch.no_grad():
+            expected = reference(pixel_values=pixel_values, interpolate_pos_encoding=True).logits
+            actual = model(pixel_values=pixel_values, interpolate_pos_encoding=True).logits
+        assert expected.abs().max() > 1.0
+        assert (actual - expected).abs().max() < TOLERANCE
 
 
 @pytest.mark.parametrize("name", ["learned", "conv_even_size"])
