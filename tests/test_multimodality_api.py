@@ -63,7 +63,7 @@ def test_lucidrains_readme_perceiver_example() -> None:
         attn_dropout=0.0,
         ff_dropout=0.0,
         weight_tie_layers=False,  # whether to weight tie layers (optional, as indicated in the diagram)
-    )  # noqa: E251 (the README's spacing, as written)
+    )
 
     img = torch.randn(1, 224, 224, 3)  # 1 imagenet image, pixelized
 
