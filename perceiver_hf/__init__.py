@@ -17,6 +17,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoProcessor,
 )
+from transformers.utils import is_vision_available
 from transformers.utils import logging as transformers_logging
 
 from .adapters import (
@@ -42,26 +43,18 @@ from .modeling_perceiver import (
     PerceiverAttention,
     PerceiverCrossAttentionLayer,
     PerceiverDecoder,
+    PerceiverClassifierOutput,
     PerceiverDecoderOutput,
     PerceiverEncoder,
     PerceiverForImageClassification,
     PerceiverForMaskedLM,
     PerceiverForSequenceClassification,
-    PerceiverIO,
+    PerceiverMaskedLMOutput,
     PerceiverMLP,
     PerceiverModel,
     PerceiverPreTrainedModel,
-    PerceiverSelfAttentionBlock,
     PerceiverSelfAttentionLayer,
     input_adapter_from_config,
-)
-from .multimodality_perceiver import (
-    InputModality,
-    InputModalityWithEmbedding,
-    MultiModalityPerceiver,
-    MultiModalityPerceiverNoPooling,
-    MultiModalityWithTextPerceiver,
-    Perceiver,
 )
 from .position_encoding import FourierPositionEncoding, LearnedPositionEncoding, fourier_features
 from .processing_perceiver import PerceiverProcessor
@@ -90,11 +83,13 @@ for _auto_class, _model_class in _AUTO_MODELS:
 _verbosity = transformers_logging.get_verbosity()
 transformers_logging.set_verbosity_error()
 try:
-    AutoImageProcessor.register(
-        PerceiverConfig,
-        image_processor_classes={"pil": PerceiverImageProcessor, "torchvision": PerceiverImageProcessor},
-        exist_ok=True,
-    )
+    # Without Pillow, transformers' AutoImageProcessor is a placeholder that raises; ours works on arrays.
+    if is_vision_available():
+        AutoImageProcessor.register(
+            PerceiverConfig,
+            image_processor_classes={"pil": PerceiverImageProcessor, "torchvision": PerceiverImageProcessor},
+            exist_ok=True,
+        )
 finally:
     transformers_logging.set_verbosity(_verbosity)
 # Multimodal classification has no transformers Auto class: ours is built the same way. Its name goes into
@@ -121,15 +116,15 @@ __all__ = [
     "PerceiverForMultimodalClassification",
     "PerceiverMultimodalClassifierOutput",
     "AutoModelForMultimodalClassification",
-    "PerceiverIO",
     "PerceiverEncoder",
     "PerceiverDecoder",
     "PerceiverDecoderOutput",
+    "PerceiverMaskedLMOutput",
+    "PerceiverClassifierOutput",
     "PerceiverAttention",
     "PerceiverMLP",
     "PerceiverCrossAttentionLayer",
     "PerceiverSelfAttentionLayer",
-    "PerceiverSelfAttentionBlock",
     "InputAdapter",
     "OutputAdapter",
     "TextInputAdapter",
@@ -144,10 +139,4 @@ __all__ = [
     "fourier_features",
     "input_adapter_from_config",
     "train_wordpiece_tokenizer",
-    "Perceiver",
-    "InputModality",
-    "InputModalityWithEmbedding",
-    "MultiModalityPerceiver",
-    "MultiModalityPerceiverNoPooling",
-    "MultiModalityWithTextPerceiver",
 ]

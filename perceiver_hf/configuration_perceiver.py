@@ -1,12 +1,15 @@
 """Configuration of Perceiver IO models.
 
-One flat, validated `PerceiverConfig` describes a whole model: the input adapter (chosen by name),
-the encoder (latent array, cross-attention and self-attention layers), the decoder and the task
-head. Everything that shapes the model is a plain JSON value in `config.json`.
+One validated `PerceiverConfig` describes a whole model: the input adapter (chosen by name, its own settings
+grouped under `input_adapter_config`), the encoder (latent array, cross-attention and self-attention layers and
+how they share weights), the decoder and the task head. `config.json` holds only what the model uses.
+
+Configs saved by release 0.1.0 were flat (every adapter's fields at the top level); they are migrated on load.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -14,9 +17,48 @@ from transformers import PretrainedConfig
 
 from .adapters_multimodal import validate_modalities
 
-__all__ = ["PerceiverConfig", "INPUT_ADAPTERS", "HIDDEN_ACTIVATIONS", "ATTN_IMPLEMENTATIONS", "POOLINGS"]
+__all__ = [
+    "PerceiverConfig",
+    "INPUT_ADAPTER_SETTINGS",
+    "HIDDEN_ACTIVATIONS",
+    "ATTN_IMPLEMENTATIONS",
+    "POOLINGS",
+    "default_weight_sharing",
+]
 
-INPUT_ADAPTERS = ("text", "image", "audio", "multimodal")
+# Each input adapter's own settings and their defaults. A config holds the settings of its adapter only, under
+# `input_adapter_config`; `config.<setting>` reads and writes them there.
+INPUT_ADAPTER_SETTINGS: dict[str, dict[str, Any]] = {
+    # Adapted inputs `(B, N, num_input_channels)` given directly (`inputs_embeds`): the older APIs' translators
+    # compute their own input features and run this package's encoder on them.
+    "none": {"num_input_channels": 256},
+    "text": {"vocab_size": 10000, "max_position_embeddings": 512, "d_model": 256},
+    "image": {
+        "image_size": [224, 224],
+        "num_channels": 3,
+        "num_frequency_bands": 64,
+        "max_frequency": None,
+        "image_position_encoding": "fourier",
+        "image_preprocessing": "pixels",
+        "spatial_downsample": None,
+        "image_projection_channels": None,
+        "image_position_channels": None,
+        "image_position_projection_channels": None,
+        "image_conv_padding": "same",
+    },
+    "audio": {
+        "max_audio_samples": 16000,
+        "audio_patch_size": 1,
+        "num_audio_channels": 1,
+        "num_frequency_bands": 64,
+        "max_frequency": None,
+        "audio_projection_channels": None,
+        "audio_preprocessing": "samples",
+        "sampling_rate": 16000,
+    },
+    "multimodal": {"modalities": None},
+}
+_ALL_ADAPTER_SETTINGS = frozenset(name for settings in INPUT_ADAPTER_SETTINGS.values() for name in settings)
 HIDDEN_ACTIVATIONS = ("gelu", "geglu")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 IMAGE_POSITION_ENCODINGS = ("fourier", "learned")
@@ -27,6 +69,26 @@ PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label
 AUDIO_PREPROCESSINGS = ("samples", "spectrogram")
 # Multimodal classification: how the latents become the task heads' inputs (see PerceiverForMultimodalClassification).
 POOLINGS = ("decoder", "mean", "latents", "none")
+
+
+def default_weight_sharing(
+    num_cross_attention_layers: int,
+    num_self_attention_blocks: int,
+    num_self_attention_layers_per_block: int,
+    first_cross_attention_layer_shared: bool = False,
+    first_self_attention_block_shared: bool = True,
+) -> tuple[list[int], list[list[int]]]:
+    """The weight-sharing pattern that the two `first_*_shared` flags describe, as explicit lists.
+
+    Returns `(cross, self)`: `cross[i]` is the weight set of cross-attention layer `i`; `self[b][j]` that of layer
+    `j` of self-attention block `b`. Layer/block 1 has its own weights (unless its flag shares them with the
+    others); layers/blocks 2.. share one set.
+    """
+    cross = [0] + [0 if first_cross_attention_layer_shared else 1] * (num_cross_attention_layers - 1)
+    per_block = num_self_attention_layers_per_block
+    first = list(range(per_block))
+    rest = first if first_self_attention_block_shared else list(range(per_block, 2 * per_block))
+    return cross, [first] + [rest] * (num_self_attention_blocks - 1)
 
 
 class PerceiverConfig(PretrainedConfig):
@@ -184,31 +246,8 @@ class PerceiverConfig(PretrainedConfig):
     def __init__(
         self,
         input_adapter: str = "text",
-        # text
-        vocab_size: int = 10000,
-        max_position_embeddings: int = 512,
-        d_model: int = 256,
-        # image
-        image_size: list[int] | tuple[int, int] = (224, 224),
-        num_channels: int = 3,
-        num_frequency_bands: int = 64,
-        max_frequency: float | None = None,
-        image_position_encoding: str = "fourier",
-        image_preprocessing: str = "pixels",
-        spatial_downsample: int | None = None,
-        image_projection_channels: int | None = None,
-        image_position_channels: int | None = None,
-        image_position_projection_channels: int | None = None,
-        image_conv_padding: str = "same",
-        # audio
-        max_audio_samples: int = 16000,
-        audio_patch_size: int = 1,
-        num_audio_channels: int = 1,
-        audio_projection_channels: int | None = None,
-        audio_preprocessing: str = "samples",
-        sampling_rate: int = 16000,
-        # multimodal
-        modalities: list[dict[str, Any]] | None = None,
+        input_adapter_config: dict[str, Any] | None = None,
+        # multimodal classification
         pooling: str = "decoder",
         task_num_labels: list[int] | None = None,
         # encoder
@@ -219,6 +258,8 @@ class PerceiverConfig(PretrainedConfig):
         num_self_attention_layers_per_block: int = 6,
         first_cross_attention_layer_shared: bool = False,
         first_self_attention_block_shared: bool = True,
+        cross_attention_weight_sharing: list[int] | None = None,
+        self_attention_weight_sharing: list[list[int]] | None = None,
         num_cross_attention_heads: int = 1,
         num_self_attention_heads: int = 8,
         cross_attention_qk_channels: int | None = None,
@@ -228,12 +269,15 @@ class PerceiverConfig(PretrainedConfig):
         cross_attention_widening_factor: int = 1,
         self_attention_widening_factor: int = 1,
         use_query_residual: bool = True,
+        self_attention_block_residual: bool = False,
+        qkv_bias: bool = True,
         # decoder
         num_decoder_heads: int = 1,
         decoder_qk_channels: int | None = None,
         decoder_v_channels: int | None = None,
         decoder_widening_factor: int = 1,
         decoder_use_query_residual: bool | None = None,
+        decoder_use_mlp: bool = True,
         num_output_queries: int = 1,
         d_output_queries: int | None = None,
         decode_masked_only: bool = True,
@@ -248,29 +292,31 @@ class PerceiverConfig(PretrainedConfig):
         pad_token_id: int | None = None,
         **kwargs: Any,
     ) -> None:
+        # Release 0.1.0 saved every adapter's settings flat at the top level: the chosen adapter's are taken (an
+        # explicit `input_adapter_config` wins), the other adapters' are dropped (they never shaped the model).
+        flat_settings = {name: kwargs.pop(name) for name in list(kwargs) if name in _ALL_ADAPTER_SETTINGS}
+        if input_adapter not in INPUT_ADAPTER_SETTINGS:
+            raise ValueError(f"input_adapter ({input_adapter!r}) must be one of {list(INPUT_ADAPTER_SETTINGS)}")
+        defaults = INPUT_ADAPTER_SETTINGS[input_adapter]
+        if input_adapter_config is not None and not isinstance(input_adapter_config, dict):
+            raise ValueError(f"input_adapter_config ({input_adapter_config!r}) must be a dict of settings or None")
+        unknown = sorted(set(input_adapter_config or {}) - set(defaults))
+        if unknown:
+            raise ValueError(
+                f"input_adapter_config has settings {unknown} that input_adapter={input_adapter!r} does not use; "
+                f"its settings are {sorted(defaults)}"
+            )
+        settings = copy.deepcopy(defaults)
+        settings.update({k: v for k, v in flat_settings.items() if k in defaults})
+        settings.update(copy.deepcopy(input_adapter_config or {}))
+        if settings.get("image_size") is not None and not isinstance(settings["image_size"], (int, str)):
+            settings["image_size"] = list(settings["image_size"])
+        if settings.get("modalities") is not None:
+            # Plain dicts (not objects) keep config.json plain JSON.
+            settings["modalities"] = [dict(m) for m in settings["modalities"]]
+        # Set through __dict__: __setattr__ routes adapter settings into this dict.
+        self.__dict__["input_adapter_config"] = settings
         self.input_adapter = input_adapter
-        self.vocab_size = vocab_size
-        self.max_position_embeddings = max_position_embeddings
-        self.d_model = d_model
-        self.image_size = list(image_size)
-        self.num_channels = num_channels
-        self.num_frequency_bands = num_frequency_bands
-        self.max_frequency = max_frequency
-        self.image_position_encoding = image_position_encoding
-        self.image_preprocessing = image_preprocessing
-        self.spatial_downsample = spatial_downsample
-        self.image_projection_channels = image_projection_channels
-        self.image_position_channels = image_position_channels
-        self.image_position_projection_channels = image_position_projection_channels
-        self.image_conv_padding = image_conv_padding
-        self.max_audio_samples = max_audio_samples
-        self.audio_patch_size = audio_patch_size
-        self.num_audio_channels = num_audio_channels
-        self.audio_projection_channels = audio_projection_channels
-        self.audio_preprocessing = audio_preprocessing
-        self.sampling_rate = sampling_rate
-        # Plain dicts (not objects) keep config.json plain JSON.
-        self.modalities = None if modalities is None else [dict(m) for m in modalities]
         self.pooling = pooling
         self.task_num_labels = None if task_num_labels is None else list(task_num_labels)
         self.num_latents = num_latents
@@ -280,6 +326,12 @@ class PerceiverConfig(PretrainedConfig):
         self.num_self_attention_layers_per_block = num_self_attention_layers_per_block
         self.first_cross_attention_layer_shared = first_cross_attention_layer_shared
         self.first_self_attention_block_shared = first_self_attention_block_shared
+        self.cross_attention_weight_sharing = (
+            None if cross_attention_weight_sharing is None else list(cross_attention_weight_sharing)
+        )
+        self.self_attention_weight_sharing = (
+            None if self_attention_weight_sharing is None else [list(block) for block in self_attention_weight_sharing]
+        )
         self.num_cross_attention_heads = num_cross_attention_heads
         self.num_self_attention_heads = num_self_attention_heads
         self.cross_attention_qk_channels = cross_attention_qk_channels
@@ -289,11 +341,14 @@ class PerceiverConfig(PretrainedConfig):
         self.cross_attention_widening_factor = cross_attention_widening_factor
         self.self_attention_widening_factor = self_attention_widening_factor
         self.use_query_residual = use_query_residual
+        self.self_attention_block_residual = self_attention_block_residual
+        self.qkv_bias = qkv_bias
         self.num_decoder_heads = num_decoder_heads
         self.decoder_qk_channels = decoder_qk_channels
         self.decoder_v_channels = decoder_v_channels
         self.decoder_widening_factor = decoder_widening_factor
         self.decoder_use_query_residual = decoder_use_query_residual
+        self.decoder_use_mlp = decoder_use_mlp
         self.num_output_queries = num_output_queries
         self.d_output_queries = d_output_queries
         self.decode_masked_only = decode_masked_only
@@ -307,9 +362,41 @@ class PerceiverConfig(PretrainedConfig):
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.validate_perceiver()
 
+    # The chosen adapter's settings read and write as attributes (`config.vocab_size`), as in a flat config, so
+    # transformers' own code (`resize_token_embeddings` sets `config.vocab_size`) and user code keep working;
+    # another adapter's settings do not exist on this config.
+    def __getattr__(self, name: str) -> Any:
+        settings = self.__dict__.get("input_adapter_config")
+        if settings is not None and name in settings:
+            return settings[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        settings = self.__dict__.get("input_adapter_config")
+        if settings is not None and name in settings:
+            settings[name] = value
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def weight_sharing(self) -> tuple[list[int], list[list[int]]]:
+        """`(cross, self)`: the weight set of each cross-attention layer and of each layer of each self-attention
+        block (the explicit `*_weight_sharing` lists when given, else the pattern of the `first_*_shared` flags)."""
+        cross, self_ = default_weight_sharing(
+            self.num_cross_attention_layers,
+            self.num_self_attention_blocks,
+            self.num_self_attention_layers_per_block,
+            self.first_cross_attention_layer_shared,
+            self.first_self_attention_block_shared,
+        )
+        return (
+            self.cross_attention_weight_sharing if self.cross_attention_weight_sharing is not None else cross,
+            self.self_attention_weight_sharing if self.self_attention_weight_sharing is not None else self_,
+        )
+
     def validate_perceiver(self) -> None:
         """Raise a `ValueError` naming the setting, its value and what was expected, for the first
-        inconsistent or out-of-range setting."""
+        inconsistent or out-of-range setting. The one place where a config is checked."""
 
         def choice(name: str, allowed: tuple[str, ...]) -> None:
             value = getattr(self, name)
@@ -337,61 +424,59 @@ class PerceiverConfig(PretrainedConfig):
             if channels % heads != 0:
                 raise ValueError(f"{channels_name} ({channels}) must be divisible by {heads_name} ({heads})")
 
-        choice("input_adapter", INPUT_ADAPTERS)
+        def sharing_pattern(name: str, pattern: list[int]) -> None:
+            # Weight sets are numbered in order of first use (0, 1, 2, ...), so each pattern has one spelling.
+            seen = 0
+            for index in pattern:
+                if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= seen:
+                    raise ValueError(
+                        f"{name} ({getattr(self, name)!r}) must number weight sets 0, 1, 2, ... in order of first "
+                        f"use (a new set is the next unused number), got {index!r} after sets 0..{seen - 1}"
+                    )
+                seen = max(seen, index + 1)
+
+        choice("input_adapter", tuple(INPUT_ADAPTER_SETTINGS))
         choice("hidden_act", HIDDEN_ACTIVATIONS)
-        choice("image_position_encoding", IMAGE_POSITION_ENCODINGS)
-        choice("image_preprocessing", IMAGE_PREPROCESSINGS)
-        choice("image_conv_padding", IMAGE_CONV_PADDINGS)
         choice("pooling", POOLINGS)
-        choice("audio_preprocessing", AUDIO_PREPROCESSINGS)
         for name in (
-            "vocab_size", "max_position_embeddings", "d_model", "num_channels", "num_frequency_bands",
             "num_latents", "d_latents", "num_cross_attention_layers", "num_self_attention_blocks",
             "num_self_attention_layers_per_block", "num_cross_attention_heads", "num_self_attention_heads",
             "cross_attention_widening_factor", "self_attention_widening_factor", "num_decoder_heads",
-            "decoder_widening_factor", "num_output_queries", "max_audio_samples", "audio_patch_size",
-            "num_audio_channels", "sampling_rate",
+            "decoder_widening_factor", "num_output_queries",
         ):  # fmt: skip
             positive_int(name)
         for name in (
             "cross_attention_qk_channels", "cross_attention_v_channels", "self_attention_qk_channels",
             "self_attention_v_channels", "decoder_qk_channels", "decoder_v_channels", "d_output_queries",
-            "spatial_downsample", "image_projection_channels", "image_position_channels",
-            "image_position_projection_channels", "audio_projection_channels",
         ):  # fmt: skip
             positive_int(name, optional=True)
         probability("dropout")
         probability("attention_dropout")
-        if len(self.image_size) != 2 or any(not isinstance(s, int) or s < 1 for s in self.image_size):
-            raise ValueError(f"image_size ({self.image_size!r}) must be two positive integers (height, width)")
-        if self.max_frequency is not None and not self.max_frequency > 0:
-            raise ValueError(f"max_frequency ({self.max_frequency!r}) must be positive or None")
-        if self.image_preprocessing == "conv" and self.spatial_downsample is not None:
-            downsample = self.spatial_downsample
-            if downsample < 4 or 4 ** round(math.log(downsample, 4)) != downsample:
-                raise ValueError(
-                    f"spatial_downsample ({downsample}) must be a power of 4 (4, 16, ...) for "
-                    "image_preprocessing='conv'"
-                )
-        if self.image_position_channels is not None and self.image_position_encoding != "learned":
-            raise ValueError(
-                f"image_position_channels ({self.image_position_channels}) sets the width of learned position "
-                f"embeddings: it needs image_position_encoding='learned', not {self.image_position_encoding!r} "
-                "(Fourier features have 2 * (2 * num_frequency_bands + 1) channels)"
-            )
-        if self.image_preprocessing == "patches":
-            downsample = self.spatial_downsample or 4
-            if any(size % downsample for size in self.image_size):
-                raise ValueError(
-                    f"image_size ({self.image_size}) must be divisible by spatial_downsample ({downsample}) for "
-                    "image_preprocessing='patches'"
-                )
+        self._validate_input_adapter_settings(choice, positive_int)
         if self.num_cross_attention_layers > self.num_self_attention_blocks:
             raise ValueError(
                 f"num_cross_attention_layers ({self.num_cross_attention_layers}) must not exceed "
                 f"num_self_attention_blocks ({self.num_self_attention_blocks}): each cross-attention layer "
                 "is followed by a self-attention block"
             )
+        if self.cross_attention_weight_sharing is not None:
+            if len(self.cross_attention_weight_sharing) != self.num_cross_attention_layers:
+                raise ValueError(
+                    f"cross_attention_weight_sharing ({self.cross_attention_weight_sharing!r}) must give one weight "
+                    f"set per cross-attention layer (num_cross_attention_layers={self.num_cross_attention_layers})"
+                )
+            sharing_pattern("cross_attention_weight_sharing", self.cross_attention_weight_sharing)
+        if self.self_attention_weight_sharing is not None:
+            blocks = self.self_attention_weight_sharing
+            if len(blocks) != self.num_self_attention_blocks or any(
+                len(block) != self.num_self_attention_layers_per_block for block in blocks
+            ):
+                raise ValueError(
+                    f"self_attention_weight_sharing ({blocks!r}) must give num_self_attention_blocks "
+                    f"({self.num_self_attention_blocks}) lists of num_self_attention_layers_per_block "
+                    f"({self.num_self_attention_layers_per_block}) weight sets"
+                )
+            sharing_pattern("self_attention_weight_sharing", [index for block in blocks for index in block])
         divisible("cross_attention_qk_channels", "num_cross_attention_heads", "d_latents")
         # The value width defaults to the query-key width, as in PerceiverAttention and DeepMind's Perceiver IO.
         divisible("cross_attention_v_channels", "num_cross_attention_heads", "cross_attention_qk_channels", "d_latents")
@@ -412,7 +497,8 @@ class PerceiverConfig(PretrainedConfig):
         # A truthy string such as "no" would silently switch a flag on.
         for name in (
             "use_query_residual", "first_cross_attention_layer_shared", "first_self_attention_block_shared",
-            "decode_masked_only", "freeze_encoder", "tie_word_embeddings",
+            "decode_masked_only", "freeze_encoder", "tie_word_embeddings", "qkv_bias", "decoder_use_mlp",
+            "self_attention_block_residual",
         ):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} ({getattr(self, name)!r}) must be True or False")
@@ -424,18 +510,8 @@ class PerceiverConfig(PretrainedConfig):
             raise ValueError(f"num_labels ({self.num_labels}) must be a positive integer")
         if self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type ({self.problem_type!r}) must be one of {list(PROBLEM_TYPES)}")
-        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+        if self.pad_token_id is not None and self.input_adapter == "text" and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size})")
-        if self.audio_patch_size > self.max_audio_samples:
-            raise ValueError(
-                f"audio_patch_size ({self.audio_patch_size}) must not exceed max_audio_samples "
-                f"({self.max_audio_samples})"
-            )
-        if self.input_adapter == "multimodal" and not self.modalities:
-            raise ValueError(f"input_adapter='multimodal' needs a non-empty modalities list, got {self.modalities!r}")
-        if self.modalities is not None:
-            # Checks every entry (names, sizes, text options) and that split text fits the cross-attention layers.
-            validate_modalities(self.modalities, num_cross_attention_layers=self.num_cross_attention_layers)
         if self.task_num_labels is not None:
             if (
                 not isinstance(self.task_num_labels, list)
@@ -450,3 +526,66 @@ class PerceiverConfig(PretrainedConfig):
                     f"pooling='latents' feeds one latent per task: {len(self.task_num_labels)} tasks "
                     f"(task_num_labels) need at most num_latents ({self.num_latents}) latents"
                 )
+
+    def _validate_input_adapter_settings(self, choice, positive_int) -> None:
+        adapter = self.input_adapter
+        if adapter == "none":
+            positive_int("num_input_channels")
+        elif adapter == "text":
+            for name in ("vocab_size", "max_position_embeddings", "d_model"):
+                positive_int(name)
+        elif adapter == "image":
+            choice("image_position_encoding", IMAGE_POSITION_ENCODINGS)
+            choice("image_preprocessing", IMAGE_PREPROCESSINGS)
+            choice("image_conv_padding", IMAGE_CONV_PADDINGS)
+            positive_int("num_channels")
+            positive_int("num_frequency_bands")
+            for name in (
+                "spatial_downsample", "image_projection_channels", "image_position_channels",
+                "image_position_projection_channels",
+            ):  # fmt: skip
+                positive_int(name, optional=True)
+            if len(self.image_size) != 2 or any(not isinstance(s, int) or s < 1 for s in self.image_size):
+                raise ValueError(f"image_size ({self.image_size!r}) must be two positive integers (height, width)")
+            if self.image_preprocessing == "conv" and self.spatial_downsample is not None:
+                downsample = self.spatial_downsample
+                if downsample < 4 or 4 ** round(math.log(downsample, 4)) != downsample:
+                    raise ValueError(
+                        f"spatial_downsample ({downsample}) must be a power of 4 (4, 16, ...) for "
+                        "image_preprocessing='conv'"
+                    )
+            if self.image_position_channels is not None and self.image_position_encoding != "learned":
+                raise ValueError(
+                    f"image_position_channels ({self.image_position_channels}) sets the width of learned position "
+                    f"embeddings: it needs image_position_encoding='learned', not {self.image_position_encoding!r} "
+                    "(Fourier features have 2 * (2 * num_frequency_bands + 1) channels)"
+                )
+            if self.image_preprocessing == "patches":
+                downsample = self.spatial_downsample or 4
+                if any(size % downsample for size in self.image_size):
+                    raise ValueError(
+                        f"image_size ({self.image_size}) must be divisible by spatial_downsample ({downsample}) for "
+                        "image_preprocessing='patches'"
+                    )
+        elif adapter == "audio":
+            choice("audio_preprocessing", AUDIO_PREPROCESSINGS)
+            for name in (
+                "max_audio_samples", "audio_patch_size", "num_audio_channels", "num_frequency_bands", "sampling_rate"
+            ):  # fmt: skip
+                positive_int(name)
+            positive_int("audio_projection_channels", optional=True)
+            if self.audio_patch_size > self.max_audio_samples:
+                raise ValueError(
+                    f"audio_patch_size ({self.audio_patch_size}) must not exceed max_audio_samples "
+                    f"({self.max_audio_samples})"
+                )
+        elif adapter == "multimodal":
+            if not self.modalities:
+                raise ValueError(
+                    f"input_adapter='multimodal' needs a non-empty modalities list, got {self.modalities!r}"
+                )
+            # Checks every entry (names, sizes, text options) and that split text fits the cross-attention layers.
+            validate_modalities(self.modalities, num_cross_attention_layers=self.num_cross_attention_layers)
+        max_frequency = self.input_adapter_config.get("max_frequency")
+        if max_frequency is not None and not max_frequency > 0:
+            raise ValueError(f"max_frequency ({max_frequency!r}) must be positive or None")

@@ -47,10 +47,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.image_utils import PILImageResampling
 
 from .configuration_perceiver import PerceiverConfig
-from .image_processing_perceiver import PerceiverImageProcessor
+from .image_processing_perceiver import PerceiverImageProcessor, PILImageResampling  # (Pillow's, or a stand-in)
 from .modeling_perceiver import (
     PerceiverForImageClassification,
     PerceiverForMaskedLM,

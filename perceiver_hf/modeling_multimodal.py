@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.auto.auto_factory import _BaseAutoModelClass, _LazyAutoMapping
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.utils import ModelOutput
@@ -29,10 +28,10 @@ from .adapters import OutputAdapter
 from .adapters_multimodal import MASK_SUFFIX
 from .configuration_perceiver import PerceiverConfig
 from .modeling_perceiver import (
+    PerceiverClassifierOutput,
     PerceiverDecoder,
     PerceiverModel,
     PerceiverPreTrainedModel,
-    _attn_implementation,
     _classification_loss,
     _PerceiverClassificationModel,
 )
@@ -83,7 +82,7 @@ class PerceiverForAudioClassification(_PerceiverClassificationModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-    ) -> SequenceClassifierOutput | tuple:
+    ) -> PerceiverClassifierOutput | tuple:
         """
         Args:
             input_values: `(B, T)` mono or `(B, T, A)` waveforms, `T <= config.max_audio_samples`.
@@ -101,7 +100,7 @@ class PerceiverForAudioClassification(_PerceiverClassificationModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        return self._classify(encoded, labels, output_attentions, return_dict, SequenceClassifierOutput)
+        return self._classify(encoded, labels, output_attentions, return_dict)
 
 
 @dataclass
@@ -116,6 +115,7 @@ class PerceiverMultimodalClassifierOutput(ModelOutput):
         latents: the encoder's latents `(B, L, D)`.
         pooled: what `pool` returned (the task heads' inputs; the latents with `pooling="none"`).
         hidden_states / attentions: the encoder's, when requested.
+        cross_attentions: the encoder's cross-attention weights (then the pooling decoder's), when requested.
     """
 
     loss: torch.Tensor | None = None
@@ -125,6 +125,7 @@ class PerceiverMultimodalClassifierOutput(ModelOutput):
     pooled: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class _QueryOutputAdapter(OutputAdapter):
@@ -183,21 +184,7 @@ class PerceiverForMultimodalClassification(PerceiverPreTrainedModel):
         self.pooler = None
         if config.pooling == "decoder":
             width = config.d_output_queries or config.d_latents
-            self.pooler = PerceiverDecoder(
-                _QueryOutputAdapter(num_tasks, width),
-                latent_shape=(config.num_latents, config.d_latents),
-                num_cross_attention_heads=config.num_decoder_heads,
-                num_qk_channels=config.decoder_qk_channels,
-                num_v_channels=config.decoder_v_channels,
-                widening_factor=config.decoder_widening_factor,
-                use_query_residual=config.decoder_use_query_residual is not False,
-                dropout=config.dropout,
-                attention_dropout=config.attention_dropout,
-                hidden_act=config.hidden_act,
-                layer_norm_eps=config.layer_norm_eps,
-                init_scale=config.initializer_range,
-                attn_implementation=_attn_implementation(config),
-            )
+            self.pooler = PerceiverDecoder(config, _QueryOutputAdapter(num_tasks, width), use_query_residual=True)
         self.task_heads = nn.ModuleList(
             []
             if config.pooling == "none"
@@ -334,6 +321,7 @@ class PerceiverForMultimodalClassification(PerceiverPreTrainedModel):
             pooled=pooled,
             hidden_states=encoded.hidden_states,
             attentions=encoded.attentions,
+            cross_attentions=encoded.cross_attentions,
         )
         return output if return_dict else output.to_tuple()
 

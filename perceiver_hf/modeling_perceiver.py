@@ -1,23 +1,21 @@
 """Perceiver IO: attention, encoder, decoder, and the Hugging Face models built from them.
 
+Everything here is built from a `PerceiverConfig`: the config flows down into every block, and each block takes
+the config plus the few dimensions that differ between its uses (the query width of a decoder, the heads of a
+cross-attention layer). The older Perceiver APIs (`perceiver_hf.perceiver`, `perceiver_hf.perceiver_pytorch`)
+translate their arguments into a config and run these same blocks.
+
 Notation used in the shape comments:
     B  batch                    N  input positions            C  input channels
     L  latents (num_latents)    D  latent channels (d_latents)
     Q  output queries           E  output query channels
     H  attention heads          Dk / Dv  query-key / value channels per head
-
-The plain-PyTorch building blocks (`PerceiverAttention`, `PerceiverCrossAttentionLayer`,
-`PerceiverSelfAttentionLayer`, `PerceiverEncoder`, `PerceiverDecoder`, `PerceiverIO`) take explicit
-arguments, so models can be composed from adapters by hand. The `PreTrainedModel` classes below
-build the same blocks from a `PerceiverConfig`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +23,8 @@ from safetensors import SafetensorError
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
-from transformers.modeling_outputs import (
-    BaseModelOutputWithCrossAttentions,
-    ImageClassifierOutput,
-    MaskedLMOutput,
-    SequenceClassifierOutput,
-)
+from transformers.modeling_outputs import BaseModelOutputWithCrossAttentions
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .adapters import (
@@ -41,11 +35,10 @@ from .adapters import (
     OutputAdapter,
     TextInputAdapter,
     TextOutputAdapter,
-    _require_positive_int,
 )
 from .adapters_audio import AudioInputAdapter
 from .adapters_multimodal import MultimodalInputAdapter
-from .configuration_perceiver import ATTN_IMPLEMENTATIONS, PerceiverConfig
+from .configuration_perceiver import PerceiverConfig
 from .position_encoding import LearnedPositionEncoding
 
 __all__ = [
@@ -53,26 +46,22 @@ __all__ = [
     "PerceiverMLP",
     "PerceiverCrossAttentionLayer",
     "PerceiverSelfAttentionLayer",
-    "PerceiverSelfAttentionBlock",
     "PerceiverEncoder",
     "PerceiverDecoder",
     "PerceiverDecoderOutput",
-    "PerceiverIO",
+    "PerceiverMaskedLMOutput",
+    "PerceiverClassifierOutput",
     "PerceiverPreTrainedModel",
     "PerceiverModel",
     "PerceiverForMaskedLM",
     "PerceiverForSequenceClassification",
     "PerceiverForImageClassification",
+    "INPUT_ADAPTER_CLASSES",
     "input_adapter_from_config",
+    "eager_attention_forward",
 ]
 
 logger = logging.get_logger(__name__)
-
-
-def _check_attn_implementation(attn_implementation: str) -> str:
-    if attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"attn_implementation ({attn_implementation!r}) must be one of {list(ATTN_IMPLEMENTATIONS)}")
-    return attn_implementation
 
 
 def _check_features(name: str, x: torch.Tensor | None, channels: int, batch_size: int | None = None) -> None:
@@ -104,19 +93,46 @@ def _check_attention_mask(attention_mask: torch.Tensor | None, batch_size: int, 
         )
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with an explicit softmax, in transformers' attention-interface form.
+
+    `query` `(B, H, Nq, Dk)`, `key` `(B, H, Nkv, Dk)`, `value` `(B, H, Nkv, Dv)`; `attention_mask` boolean,
+    broadcastable to `(B, H, Nq, Nkv)`, True where a query may attend. Returns the output `(B, Nq, H, Dv)` and
+    the attention weights `(B, H, Nq, Nkv)`.
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, Nq, Nkv)
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    # Softmax in fp32 keeps half-precision runs stable.
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(F.dropout(weights, p=dropout, training=module.training), value)  # (B, H, Nq, Dv)
+    return out.transpose(1, 2), weights
+
+
 class PerceiverAttention(nn.Module):
     """Multi-head attention with separate query-key and value widths. Never causal.
 
+    The attention itself runs through transformers' attention interface, chosen by `config._attn_implementation`
+    ("sdpa" by default, "eager", or any kernel transformers registers); `output_attentions=True` runs the eager
+    path, which returns the weights. `config.qkv_bias` gives the query, key and value projections a bias (DeepMind
+    and transformers: yes; lucidrains' perceiver-pytorch: no).
+
     Args:
+        config: the model's config (`qkv_bias`, `attention_dropout`, the attention implementation).
         num_heads: number of heads `H`.
-        num_q_input_channels: width of the query inputs.
-        num_kv_input_channels: width of the key/value inputs.
-        num_qk_channels: query-key width, split over heads (`num_q_input_channels` when `None`).
-        num_v_channels: value width, split over heads (`num_qk_channels` when `None`).
-        num_output_channels: width of the output projection (`num_q_input_channels` when `None`).
-        attention_dropout: dropout on the attention probabilities (training only).
-        attn_implementation: `"sdpa"` (torch `scaled_dot_product_attention`) or `"eager"` (explicit
-            softmax; can return the attention weights).
+        q_channels / kv_channels: widths of the query and key/value inputs.
+        qk_channels: query-key width, split over heads (`q_channels` when `None`).
+        v_channels: value width, split over heads (`qk_channels` when `None`).
+        out_channels: width of the output projection (`q_channels` when `None`).
     """
 
     # transformers' attention integrations treat a module without this flag as causal.
@@ -124,39 +140,30 @@ class PerceiverAttention(nn.Module):
 
     def __init__(
         self,
+        config: PerceiverConfig,
         num_heads: int,
-        num_q_input_channels: int,
-        num_kv_input_channels: int,
-        num_qk_channels: int | None = None,
-        num_v_channels: int | None = None,
-        num_output_channels: int | None = None,
-        attention_dropout: float = 0.0,
-        attn_implementation: str = "sdpa",
+        q_channels: int,
+        kv_channels: int,
+        qk_channels: int | None = None,
+        v_channels: int | None = None,
+        out_channels: int | None = None,
     ) -> None:
         super().__init__()
-        num_qk_channels = num_qk_channels or num_q_input_channels
-        num_v_channels = num_v_channels or num_qk_channels
-        num_output_channels = num_output_channels or num_q_input_channels
-        for name, value in (
-            ("num_heads", num_heads), ("num_q_input_channels", num_q_input_channels),
-            ("num_kv_input_channels", num_kv_input_channels), ("num_qk_channels", num_qk_channels),
-            ("num_v_channels", num_v_channels), ("num_output_channels", num_output_channels),
-        ):  # fmt: skip
-            _require_positive_int(name, value)
-        if not 0.0 <= attention_dropout < 1.0:
-            raise ValueError(f"attention_dropout ({attention_dropout!r}) must be a float in [0, 1)")
-        for name, channels in (("num_qk_channels", num_qk_channels), ("num_v_channels", num_v_channels)):
+        qk_channels = qk_channels or q_channels
+        v_channels = v_channels or qk_channels
+        out_channels = out_channels or q_channels
+        for name, channels in (("qk_channels", qk_channels), ("v_channels", v_channels)):
             if channels % num_heads != 0:
                 raise ValueError(f"{name} ({channels}) must be divisible by num_heads ({num_heads})")
+        self.config = config
         self.num_heads = num_heads
-        self.qk_head_channels = num_qk_channels // num_heads
-        self.v_head_channels = num_v_channels // num_heads
-        self.attention_dropout = attention_dropout
-        self.attn_implementation = _check_attn_implementation(attn_implementation)
-        self.q_proj = nn.Linear(num_q_input_channels, num_qk_channels)
-        self.k_proj = nn.Linear(num_kv_input_channels, num_qk_channels)
-        self.v_proj = nn.Linear(num_kv_input_channels, num_v_channels)
-        self.o_proj = nn.Linear(num_v_channels, num_output_channels)
+        self.qk_head_channels = qk_channels // num_heads
+        self.v_head_channels = v_channels // num_heads
+        self.scaling = self.qk_head_channels**-0.5
+        self.q_proj = nn.Linear(q_channels, qk_channels, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(kv_channels, qk_channels, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(kv_channels, v_channels, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(v_channels, out_channels)
 
     def _split_heads(self, x: torch.Tensor, head_channels: int) -> torch.Tensor:
         b, n, _ = x.shape
@@ -185,7 +192,7 @@ class PerceiverAttention(nn.Module):
             kv: keys and values from `project_kv(x_kv)`, to reuse them across calls.
 
         Returns:
-            `(output (B, Nq, num_output_channels), attention weights or None)`.
+            `(output (B, Nq, out_channels), attention weights or None)`.
         """
         _check_features("x_q", x_q, self.q_proj.in_features)
         if kv is None:
@@ -195,49 +202,45 @@ class PerceiverAttention(nn.Module):
         q = self._split_heads(self.q_proj(x_q), self.qk_head_channels)  # (B, H, Nq, Dk)
         k, v = kv if kv is not None else self.project_kv(x_kv)  # (B, H, Nkv, Dk), (B, H, Nkv, Dv)
         keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Nkv)
-        dropout_p = self.attention_dropout if self.training else 0.0
 
-        weights = None
-        if self.attn_implementation == "sdpa" and not output_attentions:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p, is_causal=False)
-        else:
-            scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.qk_head_channels)  # (B, H, Nq, Nkv)
-            if keep is not None:
-                scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
-            # Softmax in fp32 keeps half-precision runs stable.
-            weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-            out = torch.matmul(F.dropout(weights, p=dropout_p, training=self.training), v)  # (B, H, Nq, Dv)
-        b, _, nq, _ = out.shape
-        out = out.transpose(1, 2).reshape(b, nq, self.num_heads * self.v_head_channels)  # (B, Nq, H*Dv)
-        # The eager path computes weights anyway; return them only when asked, as documented.
+        implementation = self.config._attn_implementation or "sdpa"
+        attention = eager_attention_forward
+        if implementation != "eager" and not output_attentions:
+            attention = ALL_ATTENTION_FUNCTIONS[implementation]
+        out, weights = attention(
+            self,
+            q,
+            k,
+            v,
+            keep,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=False,
+        )
+        b, nq = out.shape[:2]
+        out = out.reshape(b, nq, self.num_heads * self.v_head_channels)  # (B, Nq, H*Dv)
         return self.o_proj(out), weights if output_attentions else None
 
 
 class PerceiverMLP(nn.Module):
-    """Pre-LayerNorm MLP: `LayerNorm -> Linear(C, w*C) -> GELU (or GEGLU) -> Linear(w*C, C) -> dropout`."""
+    """Pre-LayerNorm MLP: `LayerNorm -> Linear(C, w*C) -> GELU (or GEGLU) -> Linear(w*C, C) -> dropout`.
 
-    def __init__(
-        self,
-        num_channels: int,
-        widening_factor: int = 1,
-        dropout: float = 0.0,
-        hidden_act: str = "gelu",
-        layer_norm_eps: float = 1e-5,
-    ) -> None:
+    `config.hidden_act` chooses GELU or GEGLU (lucidrains': half of a doubled hidden layer gated by the GELU of
+    the other half); `widening_factor` is the hidden width as a multiple of `channels`.
+    """
+
+    def __init__(self, config: PerceiverConfig, channels: int, widening_factor: int) -> None:
         super().__init__()
-        if hidden_act not in ("gelu", "geglu"):
-            raise ValueError(f"hidden_act ({hidden_act!r}) must be 'gelu' or 'geglu'")
-        hidden = widening_factor * num_channels
-        self.hidden_act = hidden_act
-        self.norm = nn.LayerNorm(num_channels, eps=layer_norm_eps)
-        # GEGLU gates half of a doubled hidden layer with the GELU of the other half.
-        self.fc1 = nn.Linear(num_channels, 2 * hidden if hidden_act == "geglu" else hidden)
-        self.fc2 = nn.Linear(hidden, num_channels)
-        self.dropout = nn.Dropout(dropout)
+        hidden = widening_factor * channels
+        self.gated = config.hidden_act == "geglu"
+        self.norm = nn.LayerNorm(channels, eps=config.layer_norm_eps)
+        self.fc1 = nn.Linear(channels, 2 * hidden if self.gated else hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(self.norm(x))
-        if self.hidden_act == "geglu":
+        if self.gated:
             h, gate = h.chunk(2, dim=-1)
             h = h * F.gelu(gate)
         else:
@@ -245,53 +248,60 @@ class PerceiverMLP(nn.Module):
         return self.dropout(self.fc2(h))
 
 
+def _runs_plain_linear(module: nn.Module) -> bool:
+    """Whether calling `module` is exactly `F.linear(x, weight, bias)`: an `nn.Linear` itself (not a PEFT LoRA
+    layer, a quantized or parametrized linear), with no forward hooks of its own or global ones."""
+    return (
+        type(module) is nn.Linear
+        and not (module._forward_hooks or module._forward_pre_hooks)
+        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+    )
+
+
 class PerceiverCrossAttentionLayer(nn.Module):
     """Cross-attention from queries to key/value inputs, then an MLP, each with a residual.
 
     `x = attention(LN(x_q), LN(x_kv)) [+ x_q]; x = x + MLP(x)`, as in DeepMind's Perceiver IO. The query
-    residual is optional: DeepMind's masked-LM decoder has none.
+    residual is optional (DeepMind's masked-LM decoder has none), and so is the MLP (lucidrains' Perceiver IO
+    decoder has none unless `decoder_ff=True`).
     """
 
     def __init__(
         self,
+        config: PerceiverConfig,
         num_heads: int,
-        num_q_input_channels: int,
-        num_kv_input_channels: int,
-        num_qk_channels: int | None = None,
-        num_v_channels: int | None = None,
+        q_channels: int,
+        kv_channels: int,
+        qk_channels: int | None = None,
+        v_channels: int | None = None,
         widening_factor: int = 1,
         use_query_residual: bool = True,
-        dropout: float = 0.0,
-        attention_dropout: float = 0.0,
-        hidden_act: str = "gelu",
-        layer_norm_eps: float = 1e-5,
-        attn_implementation: str = "sdpa",
+        use_mlp: bool = True,
     ) -> None:
         super().__init__()
-        self.q_norm = nn.LayerNorm(num_q_input_channels, eps=layer_norm_eps)
-        self.kv_norm = nn.LayerNorm(num_kv_input_channels, eps=layer_norm_eps)
-        self.attention = PerceiverAttention(
-            num_heads,
-            num_q_input_channels,
-            num_kv_input_channels,
-            num_qk_channels=num_qk_channels,
-            num_v_channels=num_v_channels,
-            attention_dropout=attention_dropout,
-            attn_implementation=attn_implementation,
-        )
-        self.dropout = nn.Dropout(dropout)
+        self.q_norm = nn.LayerNorm(q_channels, eps=config.layer_norm_eps)
+        self.kv_norm = nn.LayerNorm(kv_channels, eps=config.layer_norm_eps)
+        self.attention = PerceiverAttention(config, num_heads, q_channels, kv_channels, qk_channels, v_channels)
+        self.dropout = nn.Dropout(config.dropout)
         self.use_query_residual = use_query_residual
-        self.mlp = PerceiverMLP(num_q_input_channels, widening_factor, dropout, hidden_act, layer_norm_eps)
+        self.mlp = PerceiverMLP(config, q_channels, widening_factor) if use_mlp else None
 
     def project_kv(self, x_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised, projected keys and values of `x_kv`, reusable across calls of this layer."""
         norm, attn = self.kv_norm, self.attention
-        if x_kv.requires_grad or norm.weight is None:
+        foldable = (
+            not x_kv.requires_grad
+            and norm.weight is not None
+            and _runs_plain_linear(attn.k_proj)
+            and _runs_plain_linear(attn.v_proj)
+        )
+        if not foldable:
             return attn.project_kv(norm(x_kv))
         # Inputs without gradient (pixels and Fourier features): the LayerNorm's affine is folded into the
         # projections, `W (g * x_hat + b) + c = (W * g) x_hat + (W b + c)`, so the backward pass skips the
         # (N, Ckv) input gradient that only the LayerNorm's weight and bias would use (-19% of a 224x224
-        # image training step). Same function, same parameters.
+        # image training step). Exact only for plain linear layers: an adapter (PEFT LoRA), a quantized layer
+        # or a hook on the projections is called as itself instead.
         x_hat = F.layer_norm(x_kv, norm.normalized_shape, eps=norm.eps)  # (B, N, Ckv)
         k = F.linear(x_hat, attn.k_proj.weight * norm.weight, attn.k_proj(norm.bias))  # (B, N, H*Dk)
         v = F.linear(x_hat, attn.v_proj.weight * norm.weight, attn.v_proj(norm.bias))  # (B, N, H*Dv)
@@ -313,38 +323,29 @@ class PerceiverCrossAttentionLayer(nn.Module):
         x = self.dropout(attended)
         if self.use_query_residual:
             x = x + x_q
-        return x + self.mlp(x), weights  # (B, Nq, Cq)
+        if self.mlp is not None:
+            x = x + self.mlp(x)
+        return x, weights  # (B, Nq, Cq)
 
 
 class PerceiverSelfAttentionLayer(nn.Module):
-    """Self-attention then an MLP, each pre-LayerNorm with a residual."""
+    """Self-attention then an MLP, each pre-LayerNorm with a residual; widths and heads from the config's
+    `self_attention_*` settings, or given (`channels`, `num_heads`) for other uses."""
 
-    def __init__(
-        self,
-        num_heads: int,
-        num_channels: int,
-        num_qk_channels: int | None = None,
-        num_v_channels: int | None = None,
-        widening_factor: int = 1,
-        dropout: float = 0.0,
-        attention_dropout: float = 0.0,
-        hidden_act: str = "gelu",
-        layer_norm_eps: float = 1e-5,
-        attn_implementation: str = "sdpa",
-    ) -> None:
+    def __init__(self, config: PerceiverConfig, channels: int | None = None, num_heads: int | None = None) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(num_channels, eps=layer_norm_eps)
+        channels = channels or config.d_latents
+        self.norm = nn.LayerNorm(channels, eps=config.layer_norm_eps)
         self.attention = PerceiverAttention(
-            num_heads,
-            num_channels,
-            num_channels,
-            num_qk_channels=num_qk_channels,
-            num_v_channels=num_v_channels,
-            attention_dropout=attention_dropout,
-            attn_implementation=attn_implementation,
+            config,
+            num_heads or config.num_self_attention_heads,
+            channels,
+            channels,
+            qk_channels=config.self_attention_qk_channels,
+            v_channels=config.self_attention_v_channels,
         )
-        self.dropout = nn.Dropout(dropout)
-        self.mlp = PerceiverMLP(num_channels, widening_factor, dropout, hidden_act, layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.mlp = PerceiverMLP(config, channels, config.self_attention_widening_factor)
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         _check_features("x", x, self.norm.normalized_shape[0])
@@ -352,13 +353,6 @@ class PerceiverSelfAttentionLayer(nn.Module):
         attended, weights = self.attention(normed, normed, None, output_attentions)
         x = x + self.dropout(attended)
         return x + self.mlp(x), weights  # (B, L, D)
-
-
-class PerceiverSelfAttentionBlock(nn.ModuleList):
-    """`num_layers` self-attention layers applied in sequence to the latents."""
-
-    def __init__(self, num_layers: int, **layer_kwargs) -> None:
-        super().__init__([PerceiverSelfAttentionLayer(**layer_kwargs) for _ in range(num_layers)])
 
 
 class _CheckpointingMixin:
@@ -381,149 +375,78 @@ class _CheckpointingMixin:
 class PerceiverEncoder(_CheckpointingMixin, nn.Module):
     """Perceiver encoder: cross-attention from a latent array to the adapted inputs, then self-attention.
 
-    The encoder runs `num_self_attention_blocks` blocks of `num_self_attention_layers_per_block`
-    self-attention layers; a cross-attention layer precedes each of the first
-    `num_cross_attention_layers` blocks. Weight sharing, by reusing module objects:
+    The encoder runs `num_self_attention_blocks` blocks of `num_self_attention_layers_per_block` self-attention
+    layers; a cross-attention layer precedes each of the first `num_cross_attention_layers` blocks. Which layers
+    share weights is `config.weight_sharing`: each layer position names a weight set, and positions naming the
+    same set run the same module object (stored once, under the position that uses it first: `cross_attention.i`
+    for cross-attention layer `i`, `self_attention.b_j` for layer `j` of block `b`).
 
-    - cross-attention layers 2.. share one set of weights (`cross_attention_n`); layer 1 has its own
-      unless `first_cross_attention_layer_shared`;
-    - self-attention blocks 2.. share one set of weights (`self_attention_n`); block 1 has its own
-      unless `first_self_attention_block_shared`.
-
-    DeepMind's Perceiver IO is `num_cross_attention_layers=1` with all blocks shared; the original
-    Perceiver is `num_layers=k` (k cross-attention layers, each followed by a block, layer 1 unshared).
+    - DeepMind's Perceiver IO: one cross-attention layer, the same block repeated;
+    - the original Perceiver (krasserm's `num_layers`, lucidrains' `weight_tie_layers=True`): layer and block 1
+      own weights, layers and blocks 2.. share one set;
+    - lucidrains without weight tying: every layer its own weights; the multi-modality fork: its own pattern.
 
     Args:
-        input_adapter: maps raw inputs to `(B, N, C)`; `None` to pass adapted inputs directly (then
-            give `num_input_channels`).
-        latent_shape: `(num_latents, num_latent_channels)`.
-        num_layers: the original Perceiver IO library's parameter: `num_layers` cross-attention layers,
-            each followed by a self-attention block, layer 1 with its own weights, layers 2.. shared.
-            Overrides the cross-attention and block counts and sharing flags.
-        num_cross_attention_layers / num_self_attention_blocks / num_self_attention_layers_per_block:
-            see above.
-        num_cross_attention_heads / num_self_attention_heads: heads of each attention kind.
-        cross_attention_qk_channels / cross_attention_v_channels / self_attention_qk_channels /
-        self_attention_v_channels: attention widths (the latent width when `None`).
-        cross_attention_widening_factor / self_attention_widening_factor: MLP widening factors.
-        use_query_residual: add the latents back after cross-attention.
-        dropout / attention_dropout: residual-branch and attention-probability dropout.
-        init_scale: standard deviation of the latent array's initialisation.
+        config: the model's config.
+        input_adapter: maps raw inputs to `(B, N, C)`; `None` to take adapted inputs `(B, N,
+            config.num_input_channels)` directly.
     """
 
-    def __init__(
-        self,
-        input_adapter: InputAdapter | None,
-        latent_shape: tuple[int, int],
-        num_layers: int | None = None,
-        num_cross_attention_layers: int = 1,
-        num_self_attention_blocks: int = 1,
-        num_self_attention_layers_per_block: int = 6,
-        num_cross_attention_heads: int = 4,
-        num_self_attention_heads: int = 4,
-        cross_attention_qk_channels: int | None = None,
-        cross_attention_v_channels: int | None = None,
-        self_attention_qk_channels: int | None = None,
-        self_attention_v_channels: int | None = None,
-        cross_attention_widening_factor: int = 1,
-        self_attention_widening_factor: int = 1,
-        use_query_residual: bool = True,
-        first_cross_attention_layer_shared: bool = False,
-        first_self_attention_block_shared: bool = True,
-        dropout: float = 0.0,
-        attention_dropout: float = 0.0,
-        hidden_act: str = "gelu",
-        layer_norm_eps: float = 1e-5,
-        init_scale: float = 0.02,
-        attn_implementation: str = "sdpa",
-        num_input_channels: int | None = None,
-    ) -> None:
+    def __init__(self, config: PerceiverConfig, input_adapter: InputAdapter | None = None) -> None:
         super().__init__()
-        if num_layers is not None:
-            num_cross_attention_layers = num_self_attention_blocks = num_layers
-            first_cross_attention_layer_shared = first_self_attention_block_shared = False
-        if input_adapter is not None:
-            num_input_channels = input_adapter.num_input_channels
-        elif num_input_channels is None:
-            raise ValueError("num_input_channels must be given when input_adapter is None")
-        if len(latent_shape) != 2:
-            raise ValueError(f"latent_shape ({tuple(latent_shape)}) must be (num_latents, num_latent_channels)")
-        for name, value in (
-            ("num_latents", latent_shape[0]), ("num_latent_channels", latent_shape[1]),
-            ("num_input_channels", num_input_channels), ("num_cross_attention_layers", num_cross_attention_layers),
-            ("num_self_attention_blocks", num_self_attention_blocks),
-            ("num_self_attention_layers_per_block", num_self_attention_layers_per_block),
-        ):  # fmt: skip
-            _require_positive_int(name, value)
-        if num_cross_attention_layers > num_self_attention_blocks:
-            raise ValueError(
-                f"num_cross_attention_layers ({num_cross_attention_layers}) must not exceed "
-                f"num_self_attention_blocks ({num_self_attention_blocks})"
-            )
-        num_latents, num_latent_channels = latent_shape
+        num_input_channels = input_adapter.num_input_channels if input_adapter is not None else None
+        if num_input_channels is None:
+            if config.input_adapter != "none":
+                raise ValueError(
+                    f"PerceiverEncoder needs an input adapter for input_adapter={config.input_adapter!r}; "
+                    "pass one, or use input_adapter='none' with num_input_channels for adapted inputs"
+                )
+            num_input_channels = config.num_input_channels
         self.input_adapter = input_adapter
         self.num_input_channels = num_input_channels
-        self.latent_shape = (num_latents, num_latent_channels)
-        self.num_cross_attention_layers = num_cross_attention_layers
-        self.num_self_attention_blocks = num_self_attention_blocks
-        self.init_scale = init_scale
-        self.latent = nn.Parameter(torch.empty(num_latents, num_latent_channels))
+        self.num_cross_attention_layers = config.num_cross_attention_layers
+        self.self_attention_block_residual = config.self_attention_block_residual
+        self.latent = nn.Parameter(torch.empty(config.num_latents, config.d_latents))
+        self.init_scale = config.initializer_range
 
-        common = dict(
-            dropout=dropout,
-            attention_dropout=attention_dropout,
-            hidden_act=hidden_act,
-            layer_norm_eps=layer_norm_eps,
-            attn_implementation=attn_implementation,
-        )
-
-        def cross_attention_layer() -> PerceiverCrossAttentionLayer:
-            return PerceiverCrossAttentionLayer(
-                num_cross_attention_heads,
-                num_latent_channels,
-                num_input_channels,
-                num_qk_channels=cross_attention_qk_channels,
-                num_v_channels=cross_attention_v_channels,
-                widening_factor=cross_attention_widening_factor,
-                use_query_residual=use_query_residual,
-                **common,
-            )
-
-        def self_attention_block() -> PerceiverSelfAttentionBlock:
-            return PerceiverSelfAttentionBlock(
-                num_self_attention_layers_per_block,
-                num_heads=num_self_attention_heads,
-                num_channels=num_latent_channels,
-                num_qk_channels=self_attention_qk_channels,
-                num_v_channels=self_attention_v_channels,
-                widening_factor=self_attention_widening_factor,
-                **common,
-            )
-
-        # Weight sharing: a "_n" module is created only when layers/blocks 2.. need their own weights,
-        # and is the same object for all of them. It
-        # is `None` when layer/block 1 is reused instead (never registered twice, so every weight has
-        # exactly one name in the state dict).
-        self.cross_attention_1 = cross_attention_layer()
-        self.cross_attention_n = (
-            cross_attention_layer()
-            if num_cross_attention_layers > 1 and not first_cross_attention_layer_shared
-            else None
-        )
-        self.self_attention_1 = self_attention_block()
-        self.self_attention_n = (
-            self_attention_block() if num_self_attention_blocks > 1 and not first_self_attention_block_shared else None
-        )
+        cross_sharing, self_sharing = config.weight_sharing
+        # Each layer position -> the key of the module it runs; a weight set is created at its first use.
+        self.cross_attention = nn.ModuleDict()
+        self.cross_attention_keys: list[str] = []
+        first_use: dict[int, str] = {}
+        for i, weight_set in enumerate(cross_sharing):
+            if weight_set not in first_use:
+                first_use[weight_set] = str(i)
+                self.cross_attention[str(i)] = PerceiverCrossAttentionLayer(
+                    config,
+                    config.num_cross_attention_heads,
+                    config.d_latents,
+                    num_input_channels,
+                    qk_channels=config.cross_attention_qk_channels,
+                    v_channels=config.cross_attention_v_channels,
+                    widening_factor=config.cross_attention_widening_factor,
+                    use_query_residual=config.use_query_residual,
+                )
+            self.cross_attention_keys.append(first_use[weight_set])
+        self.self_attention = nn.ModuleDict()
+        self.self_attention_keys: list[list[str]] = []
+        first_use = {}
+        for b, block in enumerate(self_sharing):
+            keys = []
+            for j, weight_set in enumerate(block):
+                if weight_set not in first_use:
+                    first_use[weight_set] = f"{b}_{j}"
+                    self.self_attention[f"{b}_{j}"] = PerceiverSelfAttentionLayer(config)
+                keys.append(first_use[weight_set])
+            self.self_attention_keys.append(keys)
         self.reset_latent()
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return tuple(self.latent.shape)
 
     def reset_latent(self) -> None:
         nn.init.trunc_normal_(self.latent, std=self.init_scale, a=-2 * self.init_scale, b=2 * self.init_scale)
-
-    def _cross_attention(self, i: int) -> PerceiverCrossAttentionLayer:
-        return self.cross_attention_1 if i == 0 or self.cross_attention_n is None else self.cross_attention_n
-
-    def _self_attention_block(self, i: int) -> PerceiverSelfAttentionBlock:
-        return self.self_attention_1 if i == 0 or self.self_attention_n is None else self.self_attention_n
 
     def forward(
         self,
@@ -531,7 +454,7 @@ class PerceiverEncoder(_CheckpointingMixin, nn.Module):
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
-        **adapter_kwargs: Any,
+        **adapter_kwargs,
     ) -> BaseModelOutputWithCrossAttentions:
         """
         Args:
@@ -541,8 +464,9 @@ class PerceiverEncoder(_CheckpointingMixin, nn.Module):
                 mask with its output (`(x, mask)`), e.g. audio samples -> patches, or a mask per modality.
             adapter_kwargs: options of the input adapter's forward (`interpolate_pos_encoding` of images).
 
-        An adapter may return a list of `num_cross_attention_layers` arrays `(B, N, C)` instead of one: cross-attention
-        layer `i` then attends to array `i` (e.g. text embedding channels split across layers).
+        The inputs may be a list of `num_cross_attention_layers` arrays `(B, N, C)` instead of one (from the
+        adapter or given directly): cross-attention layer `i` then attends to array `i` (e.g. text embedding
+        channels split across layers).
 
         Returns:
             `BaseModelOutputWithCrossAttentions` with `last_hidden_state` the latents `(B, L, D)`;
@@ -561,16 +485,19 @@ class PerceiverEncoder(_CheckpointingMixin, nn.Module):
         layer_inputs = list(x) if isinstance(x, (list, tuple)) else [x] * self.num_cross_attention_layers
         if len(layer_inputs) != self.num_cross_attention_layers:
             raise ValueError(
-                f"the input adapter gave {len(layer_inputs)} per-layer inputs for "
+                f"the inputs hold {len(layer_inputs)} per-layer arrays for "
                 f"{self.num_cross_attention_layers} cross-attention layers"
             )
         x = layer_inputs[0]
         for layer_x in layer_inputs:
-            if layer_x.ndim != 3 or layer_x.shape[-1] != self.num_input_channels or layer_x.shape[:2] != x.shape[:2]:
-                raise ValueError(
-                    f"adapted inputs must have shape (batch, positions, {self.num_input_channels}), "
-                    f"got {tuple(layer_x.shape)}"
-                )
+            if (
+                not torch.is_tensor(layer_x)
+                or layer_x.ndim != 3
+                or layer_x.shape[-1] != self.num_input_channels
+                or layer_x.shape[:2] != x.shape[:2]
+            ):
+                got = tuple(layer_x.shape) if torch.is_tensor(layer_x) else type(layer_x).__name__
+                raise ValueError(f"adapted inputs must have shape (batch, positions, {self.num_input_channels}), got {got}")
         b, n, _ = x.shape
         if b == 0 or n == 0:
             raise ValueError(f"inputs must hold at least one example and one position, got shape {tuple(x.shape)}")
@@ -582,17 +509,17 @@ class PerceiverEncoder(_CheckpointingMixin, nn.Module):
         cross_attentions = [] if output_attentions else None
         # A cross-attention layer whose weights serve several layers sees the same inputs each time:
         # its keys and values are computed (and kept for the backward pass) once, not once per layer.
-        shared_kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        for i in range(self.num_self_attention_blocks):
-            if i < self.num_cross_attention_layers:
-                cross_attention = self._cross_attention(i)
-                layer_x = layer_inputs[i]
+        shared_kv: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        for b_index, block_keys in enumerate(self.self_attention_keys):
+            if b_index < self.num_cross_attention_layers:
+                key = self.cross_attention_keys[b_index]
+                cross_attention = self.cross_attention[key]
+                layer_x = layer_inputs[b_index]
                 kv = None
-                if self.num_cross_attention_layers > 1:
-                    key = (id(cross_attention), id(layer_x))  # the same weights and the same inputs
-                    kv = shared_kv.get(key)
+                if self.cross_attention_keys.count(key) > 1:
+                    kv = shared_kv.get((key, id(layer_x)))  # the same weights and the same inputs
                     if kv is None:
-                        kv = shared_kv[key] = cross_attention.project_kv(layer_x)
+                        kv = shared_kv[(key, id(layer_x))] = cross_attention.project_kv(layer_x)
                 x_latent, weights = self._run_layer(
                     cross_attention, x_latent, layer_x, attention_mask, output_attentions, kv
                 )
@@ -600,12 +527,15 @@ class PerceiverEncoder(_CheckpointingMixin, nn.Module):
                     cross_attentions.append(weights)
                 if output_hidden_states:
                     all_hidden.append(x_latent)
-            for layer in self._self_attention_block(i):
-                x_latent, weights = self._run_layer(layer, x_latent, output_attentions)
+            block_input = x_latent
+            for key in block_keys:
+                x_latent, weights = self._run_layer(self.self_attention[key], x_latent, output_attentions)
                 if output_attentions:
                     self_attentions.append(weights)
                 if output_hidden_states:
                     all_hidden.append(x_latent)
+            if self.self_attention_block_residual:  # the multi-modality fork adds one around each block
+                x_latent = x_latent + block_input
         return BaseModelOutputWithCrossAttentions(
             last_hidden_state=x_latent,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
@@ -633,52 +563,33 @@ class PerceiverDecoder(_CheckpointingMixin, nn.Module):
     """Perceiver IO decoder: output queries cross-attend to the latents, then the output adapter.
 
     The decoder owns trainable output queries of shape `output_adapter.output_shape`; `forward` may be
-    given other queries instead (for example a slice of them, or queries built from the inputs).
+    given other queries instead (a slice of them, or queries built from the inputs). Heads, widths and the
+    MLP come from the config's `decoder_*` settings.
 
     Args:
+        config: the model's config.
         output_adapter: maps decoded queries `(B, Q, E)` to task outputs.
-        latent_shape: `(num_latents, num_latent_channels)` of the encoder.
-        num_cross_attention_heads: heads of the decoder cross-attention.
-        num_qk_channels / num_v_channels: attention widths (the query width when `None`).
-        widening_factor: MLP widening factor.
-        use_query_residual: add the queries back after cross-attention.
-        dropout / attention_dropout: residual-branch and attention-probability dropout.
-        init_scale: standard deviation of the output queries' initialisation.
+        use_query_residual: add the queries back after cross-attention (`config.decoder_use_query_residual`
+            when it is set; otherwise this head's choice).
     """
 
-    def __init__(
-        self,
-        output_adapter: OutputAdapter,
-        latent_shape: tuple[int, int],
-        num_cross_attention_heads: int = 4,
-        num_qk_channels: int | None = None,
-        num_v_channels: int | None = None,
-        widening_factor: int = 1,
-        use_query_residual: bool = True,
-        dropout: float = 0.0,
-        attention_dropout: float = 0.0,
-        hidden_act: str = "gelu",
-        layer_norm_eps: float = 1e-5,
-        init_scale: float = 0.02,
-        attn_implementation: str = "sdpa",
-    ) -> None:
+    def __init__(self, config: PerceiverConfig, output_adapter: OutputAdapter, use_query_residual: bool) -> None:
         super().__init__()
+        if config.decoder_use_query_residual is not None:
+            use_query_residual = config.decoder_use_query_residual
         num_queries, num_query_channels = output_adapter.output_shape
-        self.init_scale = init_scale
+        self.init_scale = config.initializer_range
         self.output_query = nn.Parameter(torch.empty(num_queries, num_query_channels))
         self.cross_attention = PerceiverCrossAttentionLayer(
-            num_cross_attention_heads,
+            config,
+            config.num_decoder_heads,
             num_query_channels,
-            latent_shape[1],
-            num_qk_channels=num_qk_channels,
-            num_v_channels=num_v_channels,
-            widening_factor=widening_factor,
+            config.d_latents,
+            qk_channels=config.decoder_qk_channels,
+            v_channels=config.decoder_v_channels,
+            widening_factor=config.decoder_widening_factor,
             use_query_residual=use_query_residual,
-            dropout=dropout,
-            attention_dropout=attention_dropout,
-            hidden_act=hidden_act,
-            layer_norm_eps=layer_norm_eps,
-            attn_implementation=attn_implementation,
+            use_mlp=config.decoder_use_mlp,
         )
         self.output_adapter = output_adapter
         self.reset_output_query()
@@ -710,28 +621,47 @@ class PerceiverDecoder(_CheckpointingMixin, nn.Module):
         )
 
 
-class PerceiverIO(nn.Module):
-    """A Perceiver IO model composed from an encoder and a decoder: `inputs -> latents -> outputs`.
+@dataclass
+class PerceiverMaskedLMOutput(ModelOutput):
+    """Output of `PerceiverForMaskedLM` (transformers' `MaskedLMOutput` plus `cross_attentions`).
 
-    ```python
-    >>> model = PerceiverIO(encoder, decoder)
-    >>> logits = model(images)  # e.g. (B, 28, 28, 1) -> (B, 10)
-    ```
+    Args:
+        loss: masked-LM cross-entropy when `labels` are given.
+        logits: `(B, N, vocab_size)` (`None` when only the labelled positions were decoded).
+        hidden_states: the latents after each encoder layer, when requested.
+        attentions: the encoder's self-attention weights, when requested.
+        cross_attentions: the encoder's cross-attention weights, then the decoder's, when requested.
     """
 
-    def __init__(self, encoder: PerceiverEncoder, decoder: PerceiverDecoder) -> None:
-        super().__init__()
-        if encoder.latent_shape[1] != decoder.cross_attention.kv_norm.normalized_shape[0]:
-            raise ValueError(
-                f"encoder latent channels ({encoder.latent_shape[1]}) differ from the decoder's "
-                f"({decoder.cross_attention.kv_norm.normalized_shape[0]})"
-            )
-        self.encoder = encoder
-        self.decoder = decoder
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
 
-    def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x_latent = self.encoder(inputs, attention_mask=attention_mask).last_hidden_state
-        return self.decoder(x_latent).logits
+
+@dataclass
+class PerceiverClassifierOutput(ModelOutput):
+    """Output of the classification heads (transformers' `SequenceClassifierOutput` plus `cross_attentions`).
+
+    Args:
+        loss: classification (or regression) loss when `labels` are given.
+        logits: `(B, num_labels)`.
+        hidden_states / attentions / cross_attentions: as in `PerceiverMaskedLMOutput`.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def _cross_attentions(encoded: BaseModelOutputWithCrossAttentions, decoded: PerceiverDecoderOutput):
+    """The encoder's cross-attention weights followed by the decoder's (as transformers' Perceiver), or `None`."""
+    if encoded.cross_attentions is None:
+        return None
+    return encoded.cross_attentions + ((decoded.cross_attentions,) if decoded.cross_attentions is not None else ())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -739,42 +669,69 @@ class PerceiverIO(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 
-def input_adapter_from_config(config: PerceiverConfig) -> InputAdapter:
-    """Build the input adapter that `config.input_adapter` names."""
-    if config.input_adapter == "text":
-        return TextInputAdapter(config.vocab_size, config.max_position_embeddings, config.d_model)
-    if config.input_adapter == "image":
-        height, width = config.image_size
-        return ImageInputAdapter(
-            image_shape=(height, width, config.num_channels),
-            num_frequency_bands=config.num_frequency_bands,
-            max_frequencies=None if config.max_frequency is None else (config.max_frequency,) * 2,
-            position_encoding=config.image_position_encoding,
-            preprocessing=config.image_preprocessing,
-            spatial_downsample=config.spatial_downsample,
-            num_projection_channels=config.image_projection_channels,
-            num_position_channels=config.image_position_channels or DEFAULT_LEARNED_POSITION_CHANNELS,
-            num_position_projection_channels=config.image_position_projection_channels,
-            conv_padding=config.image_conv_padding,
-        )
-    if config.input_adapter == "audio":
-        return AudioInputAdapter(
-            max_samples=config.max_audio_samples,
-            patch_size=config.audio_patch_size,
-            num_audio_channels=config.num_audio_channels,
-            num_frequency_bands=config.num_frequency_bands,
-            max_frequency=config.max_frequency,
-            num_projection_channels=config.audio_projection_channels,
-            preprocessing=config.audio_preprocessing,
-        )
-    if config.input_adapter == "multimodal":
-        return MultimodalInputAdapter(config.modalities, num_layers=config.num_cross_attention_layers)
-    raise ValueError(f"input_adapter ({config.input_adapter!r}) is not supported")
+def _text_adapter(config: PerceiverConfig) -> TextInputAdapter:
+    return TextInputAdapter(config.vocab_size, config.max_position_embeddings, config.d_model)
 
 
-def _attn_implementation(config: PerceiverConfig) -> str:
-    # transformers resolves `attn_implementation=` of from_pretrained / from_config into the config.
-    return config._attn_implementation or "sdpa"
+def _image_adapter(config: PerceiverConfig) -> ImageInputAdapter:
+    height, width = config.image_size
+    return ImageInputAdapter(
+        image_shape=(height, width, config.num_channels),
+        num_frequency_bands=config.num_frequency_bands,
+        max_frequencies=None if config.max_frequency is None else (config.max_frequency,) * 2,
+        position_encoding=config.image_position_encoding,
+        preprocessing=config.image_preprocessing,
+        spatial_downsample=config.spatial_downsample,
+        num_projection_channels=config.image_projection_channels,
+        num_position_channels=config.image_position_channels or DEFAULT_LEARNED_POSITION_CHANNELS,
+        num_position_projection_channels=config.image_position_projection_channels,
+        conv_padding=config.image_conv_padding,
+    )
+
+
+def _audio_adapter(config: PerceiverConfig) -> AudioInputAdapter:
+    return AudioInputAdapter(
+        max_samples=config.max_audio_samples,
+        patch_size=config.audio_patch_size,
+        num_audio_channels=config.num_audio_channels,
+        num_frequency_bands=config.num_frequency_bands,
+        max_frequency=config.max_frequency,
+        num_projection_channels=config.audio_projection_channels,
+        preprocessing=config.audio_preprocessing,
+    )
+
+
+def _multimodal_adapter(config: PerceiverConfig) -> MultimodalInputAdapter:
+    return MultimodalInputAdapter(config.modalities, num_layers=config.num_cross_attention_layers)
+
+
+# `config.input_adapter` -> a function building that adapter from the config (its settings are
+# `INPUT_ADAPTER_SETTINGS[name]` in configuration_perceiver.py). A new modality is an adapter class, one entry here
+# and one there; "none" takes adapted inputs (`inputs_embeds`) and has no adapter.
+INPUT_ADAPTER_CLASSES = {
+    "text": _text_adapter,
+    "image": _image_adapter,
+    "audio": _audio_adapter,
+    "multimodal": _multimodal_adapter,
+}
+
+
+def input_adapter_from_config(config: PerceiverConfig) -> InputAdapter | None:
+    """Build the input adapter that `config.input_adapter` names (`None` for "none")."""
+    if config.input_adapter == "none":
+        return None
+    return INPUT_ADAPTER_CLASSES[config.input_adapter](config)
+
+
+# Release 0.1.0 stored the encoder's layers as `cross_attention_1` / `cross_attention_n` and `self_attention_1.j` /
+# `self_attention_n.j` (layer/block 1, and the set shared by layers/blocks 2..); each is now stored under the
+# position that first uses it. Renamed on load, so models saved by that release keep loading.
+_RELEASE_0_1_KEY_MAPPING = {
+    r"encoder\.cross_attention_1\.": "encoder.cross_attention.0.",
+    r"encoder\.cross_attention_n\.": "encoder.cross_attention.1.",
+    r"encoder\.self_attention_1\.(\d+)\.": r"encoder.self_attention.0_\1.",
+    r"encoder\.self_attention_n\.(\d+)\.": r"encoder.self_attention.1_\1.",
+}
 
 
 def _resized_table(old: nn.Parameter, num_rows: int, init_new_rows) -> nn.Parameter:
@@ -803,14 +760,22 @@ class PerceiverPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, with an error that names the checkpoint when its safetensors file is
-        truncated or tampered with (safetensors only says "Error while deserializing header: ...")."""
+        truncated or tampered with (safetensors only says "Error while deserializing header: ..."), and that
+        renames the weights of models saved by release 0.1.0 to today's names."""
+        kwargs["key_mapping"] = {**_RELEASE_0_1_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as error:
             raise OSError(
                 f"cannot load the weights of {str(pretrained_model_name_or_path)!r}: a safetensors file there is "
                 f"truncated or corrupted ({error}); save or download the model again"
             ) from error
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) on request
+        # transformers would apply the renaming in reverse on save; a model saves under today's names.
+        model._weight_conversions = [
+            c for c in getattr(model, "_weight_conversions", None) or [] if type(c).__name__ != "WeightRenaming"
+        ]
+        return loaded
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -838,14 +803,6 @@ class PerceiverPreTrainedModel(PreTrainedModel):
     def unfreeze_encoder(self) -> None:
         """Make the input adapter and encoder trainable again."""
         self.freeze_encoder(False)
-
-    def set_attn_implementation(self, attn_implementation: str, **kwargs) -> None:
-        """Switch every attention module between `"sdpa"` and `"eager"`."""
-        _check_attn_implementation(attn_implementation)
-        self.config._attn_implementation_internal = attn_implementation
-        for module in self.modules():
-            if isinstance(module, PerceiverAttention):
-                module.attn_implementation = attn_implementation
 
     def get_position_embeddings(self) -> LearnedPositionEncoding:
         """The learned position table `(max_position_embeddings, d_model)` of a text model."""
@@ -882,30 +839,7 @@ class PerceiverModel(PerceiverPreTrainedModel):
 
     def __init__(self, config: PerceiverConfig) -> None:
         super().__init__(config)
-        self.encoder = PerceiverEncoder(
-            input_adapter_from_config(config),
-            latent_shape=(config.num_latents, config.d_latents),
-            num_cross_attention_layers=config.num_cross_attention_layers,
-            num_self_attention_blocks=config.num_self_attention_blocks,
-            num_self_attention_layers_per_block=config.num_self_attention_layers_per_block,
-            num_cross_attention_heads=config.num_cross_attention_heads,
-            num_self_attention_heads=config.num_self_attention_heads,
-            cross_attention_qk_channels=config.cross_attention_qk_channels,
-            cross_attention_v_channels=config.cross_attention_v_channels,
-            self_attention_qk_channels=config.self_attention_qk_channels,
-            self_attention_v_channels=config.self_attention_v_channels,
-            cross_attention_widening_factor=config.cross_attention_widening_factor,
-            self_attention_widening_factor=config.self_attention_widening_factor,
-            use_query_residual=config.use_query_residual,
-            first_cross_attention_layer_shared=config.first_cross_attention_layer_shared,
-            first_self_attention_block_shared=config.first_self_attention_block_shared,
-            dropout=config.dropout,
-            attention_dropout=config.attention_dropout,
-            hidden_act=config.hidden_act,
-            layer_norm_eps=config.layer_norm_eps,
-            init_scale=config.initializer_range,
-            attn_implementation=_attn_implementation(config),
-        )
+        self.encoder = PerceiverEncoder(config, input_adapter_from_config(config))
         self.post_init()
 
     @property
@@ -924,29 +858,46 @@ class PerceiverModel(PerceiverPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
-        inputs: torch.Tensor | None = None,
+        input_values: torch.Tensor | None = None,
+        inputs: torch.Tensor | dict[str, torch.Tensor] | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         interpolate_pos_encoding: bool = False,
     ) -> BaseModelOutputWithCrossAttentions | tuple:
-        """
+        """Takes what this package's processors return, by the names they use.
+
         Args:
-            input_ids: `(B, N)` token ids (text adapter).
-            attention_mask: `(B, N)`, 1 for tokens, 0 for padding.
-            pixel_values: `(B, C, H, W)` or `(B, H, W, C)` images (image adapter).
-            inputs: raw inputs for any adapter (instead of `input_ids` / `pixel_values`).
+            input_ids: `(B, N)` token ids (text adapter; the tokenizer's output).
+            attention_mask: `(B, N)`, 1 for tokens, 0 for padding (audio: per sample; multimodal: a dict of masks).
+            pixel_values: `(B, C, H, W)` or `(B, H, W, C)` images (image adapter; the image processor's output).
+            input_values: `(B, T)` or `(B, T, A)` waveforms (audio adapter; the feature extractor's output).
+            inputs: raw inputs for any adapter, e.g. `{modality: tensor}` for the multimodal adapter.
+            inputs_embeds: adapted inputs `(B, N, C)` (or a list of one per cross-attention layer), which skip
+                the input adapter; what `input_adapter="none"` models take.
             interpolate_pos_encoding: resize learned image positions to images of another size than
                 configured (bicubic, as transformers'); Fourier features need no resizing.
 
         Returns:
             `BaseModelOutputWithCrossAttentions` whose `last_hidden_state` is the latents `(B, L, D)`.
         """
-        given = {k: v for k, v in (("input_ids", input_ids), ("pixel_values", pixel_values), ("inputs", inputs))
-                 if v is not None}  # fmt: skip
+        candidates = {
+            "input_ids": input_ids,
+            "pixel_values": pixel_values,
+            "input_values": input_values,
+            "inputs": inputs,
+            "inputs_embeds": inputs_embeds,
+        }
+        given = {name: value for name, value in candidates.items() if value is not None}
         if len(given) != 1:
-            raise ValueError(f"pass exactly one of input_ids, pixel_values or inputs, got {sorted(given) or 'none'}")
-        (raw_inputs,) = given.values()
+            raise ValueError(f"pass exactly one of {list(candidates)}, got {sorted(given) or 'none'}")
+        ((given_name, raw_inputs),) = given.items()
+        if (given_name == "inputs_embeds") != (self.input_adapter is None):
+            expected = "inputs_embeds" if self.input_adapter is None else f"raw inputs, not {given_name}"
+            raise ValueError(
+                f"this model's input_adapter is {self.config.input_adapter!r}: it takes {expected}"
+            )
         if pixel_values is not None and pixel_values.is_floating_point() and pixel_values.dtype != self.dtype:
             # float64 pixels (from numpy) or float32 pixels for a half-precision model would fail deep inside a
             # matmul or LayerNorm; transformers' image models cast them to the model's dtype too.
@@ -993,21 +944,11 @@ class PerceiverForMaskedLM(PerceiverPreTrainedModel):
         if config.input_adapter != "text":
             raise ValueError(f"PerceiverForMaskedLM needs input_adapter='text', got {config.input_adapter!r}")
         self.perceiver = PerceiverModel(config)
+        # DeepMind's masked-LM decoder has no query residual: the position queries carry no content.
         self.decoder = PerceiverDecoder(
+            config,
             TextOutputAdapter(config.vocab_size, config.max_position_embeddings, config.d_model),
-            latent_shape=(config.num_latents, config.d_latents),
-            num_cross_attention_heads=config.num_decoder_heads,
-            num_qk_channels=config.decoder_qk_channels,
-            num_v_channels=config.decoder_v_channels,
-            widening_factor=config.decoder_widening_factor,
-            # DeepMind's masked-LM decoder has no query residual: the position queries carry no content.
-            use_query_residual=bool(config.decoder_use_query_residual),
-            dropout=config.dropout,
-            attention_dropout=config.attention_dropout,
-            hidden_act=config.hidden_act,
-            layer_norm_eps=config.layer_norm_eps,
-            init_scale=config.initializer_range,
-            attn_implementation=_attn_implementation(config),
+            use_query_residual=False,
         )
         self.post_init()
 
@@ -1034,7 +975,7 @@ class PerceiverForMaskedLM(PerceiverPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-    ) -> MaskedLMOutput | tuple:
+    ) -> PerceiverMaskedLMOutput | tuple:
         """
         Args:
             input_ids: `(B, N)` token ids, `N <= max_position_embeddings`.
@@ -1076,11 +1017,12 @@ class PerceiverForMaskedLM(PerceiverPreTrainedModel):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
-        output = MaskedLMOutput(
+        output = PerceiverMaskedLMOutput(
             loss=loss,
             logits=None if decode_labelled_only else logits,
             hidden_states=encoded.hidden_states,
             attentions=encoded.attentions,
+            cross_attentions=_cross_attentions(encoded, decoded),
         )
         return output if return_dict else output.to_tuple()
 
@@ -1142,23 +1084,13 @@ class _PerceiverClassificationModel(PerceiverPreTrainedModel):
         self.num_labels = config.num_labels
         self.perceiver = PerceiverModel(config)
         self.classification_decoder = PerceiverDecoder(
+            config,
             ClassificationOutputAdapter(
                 config.num_labels,
                 num_outputs=config.num_output_queries,
                 num_output_channels=config.d_output_queries or config.d_latents,
             ),
-            latent_shape=(config.num_latents, config.d_latents),
-            num_cross_attention_heads=config.num_decoder_heads,
-            num_qk_channels=config.decoder_qk_channels,
-            num_v_channels=config.decoder_v_channels,
-            widening_factor=config.decoder_widening_factor,
-            use_query_residual=config.decoder_use_query_residual is not False,
-            dropout=config.dropout,
-            attention_dropout=config.attention_dropout,
-            hidden_act=config.hidden_act,
-            layer_norm_eps=config.layer_norm_eps,
-            init_scale=config.initializer_range,
-            attn_implementation=_attn_implementation(config),
+            use_query_residual=True,
         )
         self.post_init()
         if getattr(config, "freeze_encoder", False):
@@ -1183,15 +1115,18 @@ class _PerceiverClassificationModel(PerceiverPreTrainedModel):
         labels: torch.Tensor | None,
         output_attentions: bool | None,
         return_dict: bool,
-        output_cls: type[SequenceClassifierOutput] | type[ImageClassifierOutput],
-    ) -> SequenceClassifierOutput | ImageClassifierOutput | tuple:
+    ) -> PerceiverClassifierOutput | tuple:
         decoded = self.classification_decoder(encoded.last_hidden_state, output_attentions=bool(output_attentions))
         logits = decoded.logits
         if logits.ndim == 3:  # several output queries: average their logits
             logits = logits.mean(dim=1)  # (B, K)
         loss = None if labels is None else _classification_loss(self.config, logits, labels)
-        output = output_cls(
-            loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions
+        output = PerceiverClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
+            cross_attentions=_cross_attentions(encoded, decoded),
         )
         return output if return_dict else output.to_tuple()
 
@@ -1214,7 +1149,7 @@ class PerceiverForSequenceClassification(_PerceiverClassificationModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-    ) -> SequenceClassifierOutput | tuple:
+    ) -> PerceiverClassifierOutput | tuple:
         """
         Args:
             input_ids: `(B, N)` token ids; positions beyond `max_position_embeddings` are dropped.
@@ -1240,7 +1175,7 @@ class PerceiverForSequenceClassification(_PerceiverClassificationModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        return self._classify(encoded, labels, output_attentions, return_dict, SequenceClassifierOutput)
+        return self._classify(encoded, labels, output_attentions, return_dict)
 
 
 class PerceiverForImageClassification(_PerceiverClassificationModel):
@@ -1256,7 +1191,7 @@ class PerceiverForImageClassification(_PerceiverClassificationModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         interpolate_pos_encoding: bool = False,
-    ) -> ImageClassifierOutput | tuple:
+    ) -> PerceiverClassifierOutput | tuple:
         """`interpolate_pos_encoding`: resize learned positions to images of another size than configured."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if pixel_values is None:
@@ -1268,4 +1203,4 @@ class PerceiverForImageClassification(_PerceiverClassificationModel):
             return_dict=True,
             interpolate_pos_encoding=interpolate_pos_encoding,
         )
-        return self._classify(encoded, labels, output_attentions, return_dict, ImageClassifierOutput)
+        return self._classify(encoded, labels, output_attentions, return_dict)

@@ -21,9 +21,12 @@ from typing import Any
 
 from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_base import ImageProcessingMixin
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils import is_vision_available
 
 from .adapters_multimodal import MASK_SUFFIX, validate_modalities
+from .image_processing_perceiver import PerceiverImageProcessor
 
 __all__ = ["PerceiverProcessor"]
 
@@ -141,7 +144,8 @@ class PerceiverProcessor(ProcessorMixin):
         """Load each sub-processor with its Auto class, or `None` where the saved processor had none."""
         processor_dict = processor_dict or {}
         loaders = {
-            "image_processor": AutoImageProcessor,
+            # Without Pillow transformers' AutoImageProcessor is a placeholder that raises; ours works on arrays.
+            "image_processor": AutoImageProcessor if is_vision_available() else PerceiverImageProcessor,
             "feature_extractor": AutoFeatureExtractor,
             "tokenizer": AutoTokenizer,
         }
@@ -152,6 +156,18 @@ class PerceiverProcessor(ProcessorMixin):
             else:
                 args.append(loaders[name].from_pretrained(pretrained_model_name_or_path, **kwargs))
         return args
+
+    def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+        # Without Pillow, transformers' top-level `ImageProcessingMixin` (which the base class checks against) is a
+        # placeholder that raises; the class itself is importable.
+        if argument_name == "image_processor" and not is_vision_available():
+            if not isinstance(argument, ImageProcessingMixin):
+                raise TypeError(
+                    f"Received a {type(argument).__name__} for argument image_processor, but an "
+                    "ImageProcessingMixin was expected."
+                )
+            return ImageProcessingMixin
+        return super().check_argument_for_proper_class(argument_name, argument)
 
     def _require(self, name: str, argument: str) -> Any:
         sub_processor = getattr(self, name)

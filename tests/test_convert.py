@@ -273,7 +273,7 @@ def test_converted_model_keeps_package_capabilities():
     model.set_attn_implementation("eager")
     eager_logits = model(input_ids=input_ids).logits
     model.set_attn_implementation("sdpa")
-    assert model.perceiver.encoder.cross_attention_1.attention.attn_implementation == "sdpa"
+    assert model.perceiver.encoder.cross_attention["0"].attention.config._attn_implementation == "sdpa"
     torch.testing.assert_close(model(input_ids=input_ids).logits, eager_logits, atol=1e-4, rtol=1e-4)
 
     model.train()

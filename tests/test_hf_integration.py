@@ -176,9 +176,9 @@ def test_from_pretrained_attn_implementation_reaches_every_attention_module(spec
     for requested in ("eager", "sdpa"):
         model = spec.auto_class.from_pretrained(tmp_path, attn_implementation=requested)
         modules = [m for m in model.modules() if isinstance(m, PerceiverAttention)]
-        assert modules and {m.attn_implementation for m in modules} == {requested}
+        assert modules and {m.config._attn_implementation for m in modules} == {requested}
     default = spec.auto_class.from_pretrained(tmp_path)
-    assert {m.attn_implementation for m in default.modules() if isinstance(m, PerceiverAttention)} == {"sdpa"}
+    assert {m.config._attn_implementation for m in default.modules() if isinstance(m, PerceiverAttention)} == {"sdpa"}
 
 
 def test_classifier_from_masked_lm_checkpoint_keeps_the_encoder(tmp_path: Path) -> None:
@@ -198,15 +198,20 @@ def test_classifier_from_masked_lm_checkpoint_keeps_the_encoder(tmp_path: Path) 
 
 REMOTE_CHILD = textwrap.dedent(
     """
-    import importlib.util, json, sys
+    import importlib.util, json, os, sys
     sys.path[:] = json.loads(sys.argv[1])
     # The point of the test: this process cannot import the package, only the code saved with the model.
     assert importlib.util.find_spec("perceiver_hf") is None, "perceiver_hf is importable in the child"
+    # Nor a `transformers_modules` package from another modules cache (it would shadow this process's own).
+    assert importlib.util.find_spec("transformers_modules") is None, "a foreign transformers_modules is on the path"
     import torch
     from transformers import AutoModelForMaskedLM
     model = AutoModelForMaskedLM.from_pretrained(sys.argv[2], trust_remote_code=True).eval()
     assert "perceiver_hf" not in sys.modules
     assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+    # The model code was imported from the copy in this child's own modules cache.
+    cache = os.path.realpath(os.environ["HF_MODULES_CACHE"])
+    assert os.path.realpath(sys.modules[type(model).__module__].__file__).startswith(cache + os.sep)
     batch = torch.load(sys.argv[3])
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -218,8 +223,24 @@ REMOTE_CHILD = textwrap.dedent(
 def sys_path_without_the_package() -> list[str]:
     """This interpreter's import path minus every entry that holds `perceiver_hf` (repository root,
     legacy `develop` install). Editable installs that hook in through a `.pth` file (import finders)
-    are left out by running the child with `-S`, which skips `.pth` processing."""
-    return [entry for entry in sys.path if entry and not (Path(entry) / "perceiver_hf").exists()]
+    are left out by running the child with `-S`, which skips `.pth` processing.
+
+    Dynamic-module caches are left out too: transformers (and evaluate) append this process's
+    `HF_MODULES_CACHE` to `sys.path` once they have used it, and where that cache holds a
+    `transformers_modules` package (remote code loaded earlier, by any process), the child would import
+    that package instead of the one in its own cache, which transformers appends after it: "No module
+    named 'transformers_modules.model'", depending on which tests ran before."""
+    from transformers.utils.hub import HF_MODULES_CACHE
+
+    def excluded(entry: str) -> bool:
+        path = Path(entry)
+        return (
+            (path / "perceiver_hf").exists()
+            or (path / "transformers_modules").exists()
+            or os.path.realpath(entry) == os.path.realpath(HF_MODULES_CACHE)
+        )
+
+    return [entry for entry in sys.path if entry and not excluded(entry)]
 
 
 def test_remote_code_loads_where_the_package_is_not_importable(tmp_path: Path) -> None:
