@@ -17,9 +17,9 @@ label column (a `ClassLabel`, or the sorted label values) and become the model's
 Validation accuracy goes through ``evaluate`` with the metric module shipped in ``examples/metrics``
 (offline). The final model and image processor are saved with ``save_pretrained``, so
 ``pipeline("image-classification", model=<output_dir>)`` loads them. ``--model_api original`` trains the
-same classifier built with the plain-PyTorch API (``PerceiverIO(PerceiverEncoder(ImageInputAdapter(...)),
-PerceiverDecoder(ClassificationOutputAdapter(...)))``) and saves its weights as ``model.safetensors``
-plus the arguments that rebuild it (``model_api_original.json``). Watch a run with
+same classifier built with krasserm's original model API (``perceiver_hf.perceiver``:
+``PerceiverIO(PerceiverEncoder(ImageInputAdapter(...)), PerceiverDecoder(ClassificationOutputAdapter(...)))``)
+and saves its weights as ``model.safetensors`` plus the arguments that rebuild it (``model_api_original.json``). Watch a run with
 ``tensorboard --logdir <output_dir>/runs``; ``--checkpointing_steps`` and ``--resume_from_checkpoint``
 let a run stop and continue exactly.
 """
@@ -68,16 +68,9 @@ from transformers import pipeline
 from transformers.modeling_outputs import ImageClassifierOutput
 
 # Importing perceiver_hf registers the perceiver_io model type and its image processor with the Auto classes.
-from perceiver_hf import (
-    ClassificationOutputAdapter,
-    ImageInputAdapter,
-    PerceiverConfig,
-    PerceiverDecoder,
-    PerceiverEncoder,
-    PerceiverForImageClassification,
-    PerceiverImageProcessor,
-    PerceiverIO,
-)
+from perceiver_hf import PerceiverConfig, PerceiverForImageClassification, PerceiverImageProcessor
+from perceiver_hf.perceiver.adapter import ClassificationOutputAdapter, ImageInputAdapter
+from perceiver_hf.perceiver.model import PerceiverDecoder, PerceiverEncoder, PerceiverIO
 
 SAMPLE_DIR = EXAMPLES_DIR / "data"
 # Default data: the shipped MNIST sample; train on train, validate on test.
@@ -139,7 +132,7 @@ def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=("hf", "original"),
         default="hf",
         help="'hf': PerceiverForImageClassification from a PerceiverConfig (save_pretrained, pipelines). "
-        "'original': the same classifier built with the original Perceiver IO project's plain-PyTorch API.",
+        "'original': the same classifier built with krasserm's original model API (perceiver_hf.perceiver).",
     )
     model.add_argument("--num_frequency_bands", type=positive_int, default=32, help="Fourier bands per axis.")
     model.add_argument(
@@ -240,10 +233,12 @@ def build_config(args: argparse.Namespace, names: list[str]) -> PerceiverConfig:
 
 
 class OriginalAPIClassifier(nn.Module):
-    """A `PerceiverIO` built with the original project's API, with the HF-style `forward(pixel_values, labels)`
-    that the shared training loop calls.
+    """A `PerceiverIO` built with krasserm's original model API (`perceiver_hf.perceiver`, his README's MNIST
+    classifier), with the HF-style `forward(pixel_values, labels)` that the shared training loop calls.
 
-    `arguments` (a JSON-able dict) rebuilds the same module: `OriginalAPIClassifier(**arguments)`.
+    His API has pixels with Fourier features, MLPs of widening factor 1 and one attention implementation; the
+    other image options belong to `--model_api hf`. `arguments` (a JSON-able dict) rebuilds the same module:
+    `OriginalAPIClassifier(**arguments)`.
     """
 
     def __init__(self, **arguments: Any) -> None:
@@ -252,12 +247,7 @@ class OriginalAPIClassifier(nn.Module):
         a = arguments
         latent_shape = (a["num_latents"], a["d_latents"])
         input_adapter = ImageInputAdapter(
-            image_shape=(*a["image_size"], a["num_channels"]),
-            num_frequency_bands=a["num_frequency_bands"],
-            position_encoding=a["image_position_encoding"],
-            preprocessing=a["image_preprocessing"],
-            spatial_downsample=a["spatial_downsample"],
-            num_projection_channels=a["image_projection_channels"],
+            image_shape=(*a["image_size"], a["num_channels"]), num_frequency_bands=a["num_frequency_bands"]
         )
         output_adapter = ClassificationOutputAdapter(num_classes=a["num_classes"], num_output_channels=a["d_latents"])
         encoder = PerceiverEncoder(
@@ -267,33 +257,38 @@ class OriginalAPIClassifier(nn.Module):
             num_cross_attention_heads=a["num_cross_attention_heads"],
             num_self_attention_heads=a["num_self_attention_heads"],
             num_self_attention_layers_per_block=a["num_self_attention_layers_per_block"],
-            cross_attention_widening_factor=a["widening_factor"],
-            self_attention_widening_factor=a["widening_factor"],
             dropout=a["dropout"],
-            attn_implementation=a["attn_implementation"],
         )
         decoder = PerceiverDecoder(
             output_adapter=output_adapter,
             latent_shape=latent_shape,
             num_cross_attention_heads=a["num_decoder_heads"],
-            widening_factor=a["widening_factor"],
             dropout=a["dropout"],
-            attn_implementation=a["attn_implementation"],
         )
         self.perceiver_io = PerceiverIO(encoder, decoder)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, num_classes: int) -> OriginalAPIClassifier:
+        unsupported = {
+            "--image_preprocessing": (args.image_preprocessing, "pixels"),
+            "--image_position_encoding": (args.image_position_encoding, "fourier"),
+            "--widening_factor": (args.widening_factor, 1),
+        }
+        for option, (value, supported) in unsupported.items():
+            if value != supported:
+                raise ValueError(
+                    f"{option} {value} is not in krasserm's original model API (--model_api original takes "
+                    f"{supported}); use --model_api hf"
+                )
         names = (
-            "image_size", "num_channels", "num_frequency_bands", "image_position_encoding", "image_preprocessing",
-            "spatial_downsample", "image_projection_channels", "num_latents", "d_latents", "num_layers",
+            "image_size", "num_channels", "num_frequency_bands", "num_latents", "d_latents", "num_layers",
             "num_cross_attention_heads", "num_self_attention_heads", "num_self_attention_layers_per_block",
-            "num_decoder_heads", "widening_factor", "dropout", "attn_implementation",
+            "num_decoder_heads", "dropout",
         )  # fmt: skip
         return cls(num_classes=num_classes, **{name: getattr(args, name) for name in names})
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> ImageClassifierOutput:
-        logits = self.perceiver_io(pixel_values)  # (B, K)
+        logits = self.perceiver_io(pixel_values.permute(0, 2, 3, 1))  # his adapter takes channels-last (B, H, W, C)
         loss = None if labels is None else F.cross_entropy(logits, labels)
         return ImageClassifierOutput(loss=loss, logits=logits)
 

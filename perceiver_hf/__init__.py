@@ -41,9 +41,9 @@ from .modeling_multimodal import (
 )
 from .modeling_perceiver import (
     PerceiverAttention,
+    PerceiverClassifierOutput,
     PerceiverCrossAttentionLayer,
     PerceiverDecoder,
-    PerceiverClassifierOutput,
     PerceiverDecoderOutput,
     PerceiverEncoder,
     PerceiverForImageClassification,

@@ -292,12 +292,19 @@ class PerceiverConfig(PretrainedConfig):
         pad_token_id: int | None = None,
         **kwargs: Any,
     ) -> None:
-        # Release 0.1.0 saved every adapter's settings flat at the top level: the chosen adapter's are taken (an
-        # explicit `input_adapter_config` wins), the other adapters' are dropped (they never shaped the model).
+        # The adapter's settings may also be given as flat keywords (`PerceiverConfig(vocab_size=...)`, as in
+        # release 0.1.0); an explicit `input_adapter_config` wins. Another adapter's setting is a mistake.
         flat_settings = {name: kwargs.pop(name) for name in list(kwargs) if name in _ALL_ADAPTER_SETTINGS}
         if input_adapter not in INPUT_ADAPTER_SETTINGS:
             raise ValueError(f"input_adapter ({input_adapter!r}) must be one of {list(INPUT_ADAPTER_SETTINGS)}")
         defaults = INPUT_ADAPTER_SETTINGS[input_adapter]
+        for name, value in flat_settings.items():
+            if name not in defaults:
+                owners = [kind for kind, settings in INPUT_ADAPTER_SETTINGS.items() if name in settings]
+                raise ValueError(
+                    f"{name} ({value!r}) is a setting of input_adapter {' / '.join(map(repr, owners))}, not of "
+                    f"input_adapter={input_adapter!r}; its settings are {sorted(defaults)}"
+                )
         if input_adapter_config is not None and not isinstance(input_adapter_config, dict):
             raise ValueError(f"input_adapter_config ({input_adapter_config!r}) must be a dict of settings or None")
         unknown = sorted(set(input_adapter_config or {}) - set(defaults))
@@ -361,6 +368,19 @@ class PerceiverConfig(PretrainedConfig):
         self.pad_token_id = pad_token_id
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.validate_perceiver()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        """`PretrainedConfig.from_dict`, migrating the flat configs of release 0.1.0 first (every adapter's settings
+        at the top level): the chosen adapter's settings move under `input_adapter_config`, the other adapters'
+        are dropped (they never shaped the model)."""
+        if "input_adapter_config" not in config_dict:
+            config_dict = dict(config_dict)
+            own = INPUT_ADAPTER_SETTINGS.get(config_dict.get("input_adapter", "text"), {})
+            config_dict["input_adapter_config"] = {name: config_dict[name] for name in own if name in config_dict}
+            for name in _ALL_ADAPTER_SETTINGS:
+                config_dict.pop(name, None)
+        return super().from_dict(config_dict, **kwargs)
 
     # The chosen adapter's settings read and write as attributes (`config.vocab_size`), as in a flat config, so
     # transformers' own code (`resize_token_embeddings` sets `config.vocab_size`) and user code keep working;
@@ -510,7 +530,11 @@ class PerceiverConfig(PretrainedConfig):
             raise ValueError(f"num_labels ({self.num_labels}) must be a positive integer")
         if self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type ({self.problem_type!r}) must be one of {list(PROBLEM_TYPES)}")
-        if self.pad_token_id is not None and self.input_adapter == "text" and not 0 <= self.pad_token_id < self.vocab_size:
+        if (
+            self.pad_token_id is not None
+            and self.input_adapter == "text"
+            and not 0 <= self.pad_token_id < self.vocab_size
+        ):
             raise ValueError(f"pad_token_id ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size})")
         if self.task_num_labels is not None:
             if (

@@ -150,10 +150,10 @@ def _encoder_config_and_mapping(hf_model: nn.Module, state: dict[str, torch.Tens
         initializer_range=c.initializer_range,
     )
     mapping = {"perceiver.embeddings.latents": "perceiver.encoder.latent"}
-    mapping |= _layer_mapping("perceiver.encoder.cross_attention", "perceiver.encoder.cross_attention_1", True)
+    mapping |= _layer_mapping("perceiver.encoder.cross_attention", "perceiver.encoder.cross_attention.0", True)
     for i in range(c.num_self_attends_per_block):
         mapping |= _layer_mapping(
-            f"perceiver.encoder.self_attends.{i}", f"perceiver.encoder.self_attention_1.{i}", False
+            f"perceiver.encoder.self_attends.{i}", f"perceiver.encoder.self_attention.0_{i}", False
         )
     return fields | {"_num_input_channels": num_input_channels}, mapping
 

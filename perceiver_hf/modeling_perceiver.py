@@ -35,6 +35,7 @@ from .adapters import (
     OutputAdapter,
     TextInputAdapter,
     TextOutputAdapter,
+    _require_positive_int,
 )
 from .adapters_audio import AudioInputAdapter
 from .adapters_multimodal import MultimodalInputAdapter
@@ -152,6 +153,11 @@ class PerceiverAttention(nn.Module):
         qk_channels = qk_channels or q_channels
         v_channels = v_channels or qk_channels
         out_channels = out_channels or q_channels
+        for name, value in (
+            ("num_heads", num_heads), ("q_channels", q_channels), ("kv_channels", kv_channels),
+            ("qk_channels", qk_channels), ("v_channels", v_channels), ("out_channels", out_channels),
+        ):  # fmt: skip
+            _require_positive_int(name, value)
         for name, channels in (("qk_channels", qk_channels), ("v_channels", v_channels)):
             if channels % num_heads != 0:
                 raise ValueError(f"{name} ({channels}) must be divisible by num_heads ({num_heads})")
@@ -203,10 +209,10 @@ class PerceiverAttention(nn.Module):
         k, v = kv if kv is not None else self.project_kv(x_kv)  # (B, H, Nkv, Dk), (B, H, Nkv, Dv)
         keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Nkv)
 
-        implementation = self.config._attn_implementation or "sdpa"
-        attention = eager_attention_forward
-        if implementation != "eager" and not output_attentions:
-            attention = ALL_ATTENTION_FUNCTIONS[implementation]
+        # The weights are only returned by the eager path; a module used outside a PreTrainedModel (the older APIs'
+        # translators) has no implementation set and takes SDPA.
+        implementation = "eager" if output_attentions else self.config._attn_implementation or "sdpa"
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         out, weights = attention(
             self,
             q,
@@ -497,7 +503,9 @@ class PerceiverEncoder(_CheckpointingMixin, nn.Module):
                 or layer_x.shape[:2] != x.shape[:2]
             ):
                 got = tuple(layer_x.shape) if torch.is_tensor(layer_x) else type(layer_x).__name__
-                raise ValueError(f"adapted inputs must have shape (batch, positions, {self.num_input_channels}), got {got}")
+                raise ValueError(
+                    f"adapted inputs must have shape (batch, positions, {self.num_input_channels}), got {got}"
+                )
         b, n, _ = x.shape
         if b == 0 or n == 0:
             raise ValueError(f"inputs must hold at least one example and one position, got shape {tuple(x.shape)}")
@@ -895,9 +903,7 @@ class PerceiverModel(PerceiverPreTrainedModel):
         ((given_name, raw_inputs),) = given.items()
         if (given_name == "inputs_embeds") != (self.input_adapter is None):
             expected = "inputs_embeds" if self.input_adapter is None else f"raw inputs, not {given_name}"
-            raise ValueError(
-                f"this model's input_adapter is {self.config.input_adapter!r}: it takes {expected}"
-            )
+            raise ValueError(f"this model's input_adapter is {self.config.input_adapter!r}: it takes {expected}")
         if pixel_values is not None and pixel_values.is_floating_point() and pixel_values.dtype != self.dtype:
             # float64 pixels (from numpy) or float32 pixels for a half-precision model would fail deep inside a
             # matmul or LayerNorm; transformers' image models cast them to the model's dtype too.

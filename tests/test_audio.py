@@ -435,7 +435,7 @@ def test_audio_script_trains_saves_and_resumes_exactly(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
     assert 0.0 <= results["accuracy"] <= 1.0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["input_adapter"] == "audio" and config["sampling_rate"] == 8000
+    assert config["input_adapter"] == "audio" and config["input_adapter_config"]["sampling_rate"] == 8000
     assert config["id2label"] == {str(i): str(i) for i in range(10)}
     run_audio_script(*common, "--output_dir", str(tmp_path / "resumed"),
                      "--resume_from_checkpoint", str(tmp_path / "run" / "checkpoints" / "step_2"))  # fmt: skip

@@ -12,6 +12,7 @@ from perceiver_tester import tiny_image_config, tiny_text_config
 from transformers import AutoConfig
 
 from perceiver_hf import PerceiverConfig
+from perceiver_hf.configuration_perceiver import INPUT_ADAPTER_SETTINGS
 
 
 def test_defaults_and_tiny_configs_are_valid() -> None:
@@ -138,21 +139,38 @@ def test_config_json_round_trip(kind: str, tmp_path: Path) -> None:
 
 
 def test_config_json_is_plain_readable_json(tmp_path: Path) -> None:
-    """config.json describes the whole model with plain JSON values, adapter choice included."""
+    """config.json describes the whole model with plain JSON values: the adapter's own settings grouped under
+    `input_adapter_config`, no other adapter's settings."""
     config = tiny_image_config(id2label={0: "a", 1: "b", 2: "c"})
     config.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "config.json").read_text())
     assert data["model_type"] == "perceiver_io"
     assert data["input_adapter"] == "image"
-    assert data["image_size"] == [6, 5]
+    assert data["input_adapter_config"]["image_size"] == [6, 5]
+    assert set(data["input_adapter_config"]) == set(INPUT_ADAPTER_SETTINGS["image"])
     assert data["num_latents"] == 6 and data["d_latents"] == 16
-    # No opaque blobs: only transformers' own label maps (and auto_map) are nested objects.
+    # Only the image adapter's settings: none of the text, audio or multimodal adapters'.
+    others = {name for kind, settings in INPUT_ADAPTER_SETTINGS.items() if kind != "image" for name in settings}
+    others -= set(INPUT_ADAPTER_SETTINGS["image"])
+    assert not others & set(data) and not others & set(data["input_adapter_config"])
+    # No opaque blobs: the adapter settings and transformers' own label maps (and auto_map) are the nested objects.
     nested = {key for key, value in data.items() if isinstance(value, dict)}
-    assert nested <= {"id2label", "label2id", "auto_map"}, nested
-    for key, value in data.items():
-        if isinstance(value, list):
-            assert all(isinstance(item, (int, float, str)) for item in value), (key, value)
+    assert nested <= {"input_adapter_config", "id2label", "label2id", "auto_map"}, nested
     # Self-describing: every constructor argument is written out, defaults included.
     arguments = set(inspect.signature(PerceiverConfig.__init__).parameters) - {"self", "kwargs"}
     missing = arguments - set(data)
     assert not missing, f"config.json lacks {sorted(missing)}"
+
+
+def test_adapter_settings_read_and_write_as_attributes() -> None:
+    """`config.vocab_size` is the text adapter's setting (transformers' `resize_token_embeddings` writes it);
+    a text config has no image settings at all."""
+    config = tiny_text_config()
+    assert config.vocab_size == config.input_adapter_config["vocab_size"] == 41
+    config.vocab_size = 50
+    assert config.input_adapter_config["vocab_size"] == 50
+    assert not hasattr(config, "image_size")
+    with pytest.raises(AttributeError, match="image_size"):
+        _ = config.image_size
+    # The flat keyword arguments of release 0.1.0 still work and land in the adapter's settings.
+    assert PerceiverConfig(input_adapter="image", image_size=[8, 4]).input_adapter_config["image_size"] == [8, 4]

@@ -495,7 +495,9 @@ def test_script_trains_saves_and_resumes_exactly(tmp_path: Path) -> None:
 
     config = json.loads((run_dir / "config.json").read_text())
     assert config["id2label"] == {str(i): str(i) for i in range(10)}  # MNIST's ClassLabel names
-    assert config["image_size"] == [28, 28] and config["num_channels"] == 1
+    assert (
+        config["input_adapter_config"]["image_size"] == [28, 28] and config["input_adapter_config"]["num_channels"] == 1
+    )
     assert json.loads((run_dir / "preprocessor_config.json").read_text())["do_convert_grayscale"] is True
     results = json.loads((run_dir / "eval_results.json").read_text())
     assert 0.0 <= results["accuracy"] <= 1.0 and np.isfinite(results["loss"])
@@ -591,7 +593,7 @@ def test_config_defaults_keep_old_configs_loading(tmp_path: Path) -> None:
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     for key in ("spatial_downsample", "image_projection_channels"):
-        saved.pop(key)
+        saved["input_adapter_config"].pop(key)
     (tmp_path / "config.json").write_text(json.dumps(saved))
     loaded = PerceiverConfig.from_pretrained(tmp_path)
     assert loaded.spatial_downsample is None and loaded.image_projection_channels is None

@@ -13,7 +13,6 @@ from torch import nn
 from perceiver_hf import modeling_perceiver
 from perceiver_hf.perceiver.adapter import (
     ClassificationOutputAdapter,
-    ImageInputAdapter,
     TextInputAdapter,
     TextOutputAdapter,
 )
@@ -73,9 +72,7 @@ def text_model(num_layers: int = 2, vocab_size: int = 50, max_seq_len: int = 12,
         num_layers=num_layers,
         num_self_attention_layers_per_block=2,
     )
-    decoder = PerceiverDecoder(
-        ClassificationOutputAdapter(3, num_output_channels=channels), latent_shape=(6, channels)
-    )
+    decoder = PerceiverDecoder(ClassificationOutputAdapter(3, num_output_channels=channels), latent_shape=(6, channels))
     return PerceiverIO(encoder, decoder).eval()
 
 

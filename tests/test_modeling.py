@@ -241,8 +241,9 @@ def test_encoder_without_adapter_takes_adapted_inputs() -> None:
         encoder(torch.randn(2, 9, 8))
     # One array per cross-attention layer (lucidrains' fork splits text embeddings across layers).
     two = PerceiverEncoder(
-        block_config(input_adapter_config={"num_input_channels": 7}, num_cross_attention_layers=2,
-                     num_self_attention_blocks=2)  # fmt: skip
+        block_config(
+            input_adapter_config={"num_input_channels": 7}, num_cross_attention_layers=2, num_self_attention_blocks=2
+        )  # fmt: skip
     )
     x = [torch.randn(2, 9, 7), torch.randn(2, 9, 7)]
     assert two(x).last_hidden_state.shape == (2, 5, 16)

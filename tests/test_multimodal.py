@@ -97,7 +97,7 @@ def test_config_json_stays_plain_and_round_trips(tmp_path: Path) -> None:
     config = tiny_multimodal_config(modalities=[IMAGE, TEXT | {"split_across_layers": True}], task_num_labels=[3, 2])
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["modalities"] == [IMAGE, TEXT | {"split_across_layers": True}]
+    assert saved["input_adapter_config"]["modalities"] == [IMAGE, TEXT | {"split_across_layers": True}]
     assert saved["input_adapter"] == "multimodal" and saved["task_num_labels"] == [3, 2]
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert loaded.modalities == config.modalities and loaded.pooling == "decoder"
@@ -215,7 +215,7 @@ def test_split_text_reaches_each_cross_attention_layer() -> None:
     )
     seen = []
     encoder = model.perceiver.encoder
-    for layer in (encoder.cross_attention_1, encoder.cross_attention_n):
+    for layer in encoder.cross_attention.values():
         original = layer.project_kv
 
         def recording(x_kv, _original=original):
@@ -383,7 +383,7 @@ def test_several_tasks_loss_ignores_missing_labels() -> None:
 
 def test_geglu_feed_forward_by_option() -> None:
     gelu, geglu = build(hidden_act="gelu"), build(hidden_act="geglu")
-    gelu_mlp, geglu_mlp = gelu.perceiver.encoder.cross_attention_1.mlp, geglu.perceiver.encoder.cross_attention_1.mlp
+    gelu_mlp, geglu_mlp = (m.perceiver.encoder.cross_attention["0"].mlp for m in (gelu, geglu))
     assert geglu_mlp.fc1.out_features == 2 * gelu_mlp.fc1.out_features
     batch = multimodal_batch(geglu.config, [6, 4])
     assert torch.isfinite(geglu(**batch, labels=torch.tensor([0, 1])).loss)

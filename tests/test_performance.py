@@ -87,7 +87,8 @@ def test_folded_key_value_projection_matches_layer_norm_then_linear() -> None:
     """Inputs that need no gradient take the folded path; inputs that need one take the plain
     `LayerNorm -> Linear` path. Both must give the same keys, values and parameter gradients."""
     torch.manual_seed(0)
-    layer = PerceiverCrossAttentionLayer(num_heads=2, num_q_input_channels=8, num_kv_input_channels=12)
+    config = PerceiverConfig(input_adapter="none", num_latents=4, d_latents=8)
+    layer = PerceiverCrossAttentionLayer(config, num_heads=2, q_channels=8, kv_channels=12)
     with torch.no_grad():  # a non-trivial LayerNorm affine, so that folding it matters
         layer.kv_norm.weight.normal_(1.0, 0.5)
         layer.kv_norm.bias.normal_(0.0, 0.5)

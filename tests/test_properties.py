@@ -406,9 +406,8 @@ def test_attention_runs_or_raises_value_error(
     data: st.DataObject,
 ) -> None:
     def build() -> PerceiverAttention:
-        return PerceiverAttention(
-            num_heads, q_channels, kv_channels, qk_channels, v_channels, attn_implementation=implementation
-        )
+        config = PerceiverConfig(input_adapter="none", attn_implementation=implementation)
+        return PerceiverAttention(config, num_heads, q_channels, kv_channels, qk_channels, v_channels)
 
     qk = qk_channels or q_channels  # the documented defaults: query width, then query-key width
     v = v_channels or qk

@@ -43,13 +43,13 @@ from perceiver_hf import (
     ClassificationOutputAdapter,
     ImageInputAdapter,
     PerceiverAttention,
+    PerceiverConfig,
     PerceiverCrossAttentionLayer,
     PerceiverDecoder,
     PerceiverEncoder,
     PerceiverForImageClassification,
     PerceiverForMaskedLM,
     PerceiverForSequenceClassification,
-    PerceiverIO,
     PerceiverSelfAttentionLayer,
     TextInputAdapter,
     TextOutputAdapter,
@@ -380,8 +380,12 @@ TEXT_CLASSIFIER = PerceiverForSequenceClassification(TEXT).eval()
 IMAGE_CLASSIFIER = PerceiverForImageClassification(IMAGE).eval()
 IDS = torch.randint(5, TEXT.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
 PIXELS = torch.randn(2, 3, 6, 5, generator=torch.Generator().manual_seed(1))
-ENCODER = PerceiverEncoder(TextInputAdapter(10, 8, 16), latent_shape=(4, 16), num_self_attention_layers_per_block=1)
-DECODER = PerceiverDecoder(ClassificationOutputAdapter(3, num_output_channels=16), latent_shape=(4, 16))
+BLOCKS = PerceiverConfig(
+    vocab_size=10, max_position_embeddings=8, d_model=16, num_latents=4, d_latents=16,
+    num_self_attention_layers_per_block=1, num_self_attention_heads=2,
+)  # fmt: skip
+ENCODER = PerceiverEncoder(BLOCKS, TextInputAdapter(10, 8, 16))
+DECODER = PerceiverDecoder(BLOCKS, ClassificationOutputAdapter(3, num_output_channels=16), use_query_residual=True)
 
 BAD_INPUTS: dict[str, tuple[Callable[[], object], str]] = {
     # --- text models: rank, dtype, length, ids, empty batches, labels
@@ -462,35 +466,49 @@ BAD_INPUTS: dict[str, tuple[Callable[[], object], str]] = {
         r"images must have shape \(batch, height, width, 3\) or \(batch, 3, height, width\), got \(2, 8\)",
     ),
     # --- building blocks
-    "attention with 0 heads": (lambda: PerceiverAttention(0, 16, 16), r"num_heads \(0\) must be a positive integer"),
-    "attention with negative heads": (lambda: PerceiverAttention(-2, 16, 16), r"num_heads \(-2\) must be a positive"),
+    "config with 0 heads": (
+        lambda: PerceiverConfig(num_self_attention_heads=0),
+        r"num_self_attention_heads \(0\) must be a positive integer",
+    ),
+    "config with negative heads": (
+        lambda: PerceiverConfig(num_cross_attention_heads=-2),
+        r"num_cross_attention_heads \(-2\) must be a positive",
+    ),
     "attention dropout 1.5": (
-        lambda: PerceiverAttention(2, 16, 16, attention_dropout=1.5),
+        lambda: PerceiverConfig(attention_dropout=1.5),
         r"attention_dropout \(1\.5\) must be a float in \[0, 1\)",
     ),
     "attention queries of the wrong width": (
-        lambda: PerceiverAttention(2, 16, 8)(torch.randn(1, 3, 15), torch.randn(1, 4, 8)),
+        lambda: PerceiverAttention(BLOCKS, 2, 16, 8)(torch.randn(1, 3, 15), torch.randn(1, 4, 8)),
         r"x_q must have shape \(batch, positions, 16\), got \(1, 3, 15\)",
     ),
     "attention keys of another batch": (
-        lambda: PerceiverAttention(2, 16, 8)(torch.randn(2, 3, 16), torch.randn(1, 4, 8)),
+        lambda: PerceiverAttention(BLOCKS, 2, 16, 8)(torch.randn(2, 3, 16), torch.randn(1, 4, 8)),
         "x_kv must hold 2 examples, as the other input does, got 1",
     ),
     "cross-attention inputs of the wrong width": (
-        lambda: PerceiverCrossAttentionLayer(2, 16, 8)(torch.randn(1, 3, 16), torch.randn(1, 4, 9)),
+        lambda: PerceiverCrossAttentionLayer(BLOCKS, 2, 16, 8)(torch.randn(1, 3, 16), torch.randn(1, 4, 9)),
         r"x_kv must have shape \(batch, positions, 8\), got \(1, 4, 9\)",
     ),
     "self-attention input of rank 2": (
-        lambda: PerceiverSelfAttentionLayer(2, 16)(torch.randn(3, 16)),
+        lambda: PerceiverSelfAttentionLayer(BLOCKS)(torch.randn(3, 16)),
         r"x must have shape \(batch, positions, 16\), got \(3, 16\)",
     ),
-    "encoder with 0 latents": (
-        lambda: PerceiverEncoder(TextInputAdapter(10, 8, 16), latent_shape=(0, 16)),
+    "config with 0 latents": (
+        lambda: PerceiverConfig(num_latents=0),
         r"num_latents \(0\) must be a positive integer",
     ),
-    "encoder with 0 layers per block": (
-        lambda: PerceiverEncoder(TextInputAdapter(10, 8, 16), (4, 16), num_self_attention_layers_per_block=0),
+    "config with 0 layers per block": (
+        lambda: PerceiverConfig(num_self_attention_layers_per_block=0),
         r"num_self_attention_layers_per_block \(0\) must be a positive integer",
+    ),
+    "adapter setting of another adapter": (
+        lambda: PerceiverConfig(input_adapter="text", input_adapter_config={"image_size": [4, 4]}),
+        r"input_adapter_config has settings \['image_size'\] that input_adapter='text' does not use",
+    ),
+    "input adapter of another name": (
+        lambda: PerceiverConfig(input_adapter="video"),
+        r"input_adapter \('video'\) must be one of \['none', 'text', 'image', 'audio', 'multimodal'\]",
     ),
     "decoder latents of the wrong width": (
         lambda: DECODER(torch.randn(2, 4, 8)),
@@ -500,8 +518,8 @@ BAD_INPUTS: dict[str, tuple[Callable[[], object], str]] = {
         lambda: DECODER(torch.randn(2, 4, 16), output_query=torch.randn(3, 1, 16)),
         "output_query must hold 2 examples, as the other input does, got 3",
     ),
-    "PerceiverIO given ids beyond its vocabulary": (
-        lambda: PerceiverIO(ENCODER, DECODER)(torch.full((2, 5), 10)),
+    "encoder given ids beyond its vocabulary": (
+        lambda: ENCODER(torch.full((2, 5), 10)),
         r"input_ids must be token ids in \[0, vocab_size=10\)",
     ),
     "text adapter with an empty vocabulary": (
@@ -580,7 +598,7 @@ def test_value_width_defaults_to_the_query_key_width() -> None:
     d_latents need not be divisible by the heads when the query-key width is: such a config is valid and runs."""
     config = tiny_text_config(d_latents=15)  # query-key widths 8, 2 heads
     model = PerceiverForMaskedLM(config).eval()
-    assert model.perceiver.encoder.self_attention_1[0].attention.v_proj.out_features == 8
+    assert model.perceiver.encoder.self_attention["0_0"].attention.v_proj.out_features == 8
     assert model(input_ids=IDS).logits.shape == (2, 8, config.vocab_size)
 
 

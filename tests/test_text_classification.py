@@ -354,8 +354,12 @@ def test_trainer_fine_tunes_evaluates_saves_and_reloads(
     assert reloaded.config.freeze_encoder is freeze
     batch = review_batch(reloaded_tokenizer, ["a wonderful film", "dull and far too long " * 3])
     model.eval()
+    # The weights are bit-identical; outputs may differ in the last bit (a loaded tensor's memory alignment can
+    # change the CPU matmul path), so they are compared within 1e-6.
+    reloaded_state = reloaded.state_dict()
+    assert all(torch.equal(reloaded_state[name], value) for name, value in model.state_dict().items())
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,97 @@
+"""What the fork's mirrored models share: their encoder (weight sharing, activation, dropout placement) and the
+names of their parameters in the original.
+
+Mirrors perceiver-multi-modality-pytorch 1.3.0, fac2003/perceiver-multi-modality-pytorch commit
+9d5e35657d7a2ffbfd6f0506b54255facf23fa9e.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..modeling_perceiver import PerceiverEncoder
+from ..perceiver_pytorch._translate import (
+    KeyMapEntry,
+    attention_renames,
+    build_config,
+    cross_layers,
+    feed_forward_renames,
+    place_dropout,
+    self_layers,
+)
+
+__all__ = ["fork_weight_sharing", "build_fork_encoder", "fork_layers_key_map"]
+
+
+def fork_weight_sharing(depth: int, blocks_per_layer: int, tied: bool) -> tuple[list[int], list[list[int]]]:
+    """The core's weight-sharing lists of the fork's `build_perceiver_layers` / `LatentTransformer`.
+
+    Untied, every layer has its own weights. Tied (`cache_by_name_fn`): cross-attention layer 1 its own, layers
+    2.. one shared set; in each layer's latent transformer, block 1 its own weights and block `j >= 2` the set of
+    position `j` shared by ALL layers (the first layer's included).
+    """
+    k = blocks_per_layer
+    if not tied:
+        return list(range(depth)), [[b * k + j for j in range(k)] for b in range(depth)]
+    cross = [0] + [1] * (depth - 1)
+    # Sets 0..k-1: layer 1's blocks; set k + b - 1: block 1 of layer b + 1 (numbered in order of first use).
+    return cross, [list(range(k))] + [[k + b - 1] + list(range(1, k)) for b in range(1, depth)]
+
+
+def build_fork_encoder(
+    *,
+    input_dim: int,
+    cross_sharing: list[int],
+    self_sharing: list[list[int]],
+    num_latents: int,
+    latent_dim: int,
+    cross_heads: int,
+    latent_heads: int,
+    cross_dim_head: int,
+    latent_dim_head: int,
+    attn_dropout: float,
+    ff_dropout: float,
+    use_gelu: bool,
+    block_residual: bool,
+) -> PerceiverEncoder:
+    """The core encoder of a fork model: one cross-attention layer then one block of self-attention layers per entry
+    of `cross_sharing` / `self_sharing` (the weight-sharing lists), with the fork's extra residual around each block
+    when `block_residual`."""
+    config = build_config(
+        num_input_channels=input_dim,
+        num_latents=num_latents,
+        latent_dim=latent_dim,
+        cross_heads=cross_heads,
+        cross_dim_head=cross_dim_head,
+        latent_heads=latent_heads,
+        latent_dim_head=latent_dim_head,
+        cross_sharing=cross_sharing,
+        self_sharing=self_sharing,
+        hidden_act="gelu" if use_gelu else "geglu",
+        block_residual=block_residual,
+    )
+    encoder = PerceiverEncoder(config)
+    nn.init.normal_(encoder.latent)  # torch.randn, as the original's latents
+    # The fork drops the attention output (`to_out`'s Dropout) and the feed-forward's hidden activations.
+    for layers in (cross_layers(encoder), self_layers(encoder)):
+        place_dropout(layers, attention_output=attn_dropout, mlp_output=0.0, mlp_hidden=ff_dropout)
+    return encoder
+
+
+def fork_layers_key_map(encoder: PerceiverEncoder) -> list[KeyMapEntry]:
+    """Where the parameters of the fork's `build_perceiver_layers` (`layers.i.0` cross-attention, `layers.i.1` its
+    feed-forward, `layers.i.2.latent_blocks.j.{0,1}` the latent transformer) and `latents` are in the mirror."""
+    cross, latent = attention_renames(context=True, out="to_out.0"), attention_renames(context=False, out="to_out.0")
+    ff = feed_forward_renames(fc2_index=3)
+    entries: list[KeyMapEntry] = [("latents", "encoder.latent", None)]
+    for i, cross_key in enumerate(encoder.cross_attention_keys):
+        entries += [
+            (f"layers.{i}.0.", f"encoder.cross_attention.{cross_key}.", cross),
+            (f"layers.{i}.1.", f"encoder.cross_attention.{cross_key}.", ff),
+        ]
+        for j, self_key in enumerate(encoder.self_attention_keys[i]):
+            entries += [
+                (f"layers.{i}.2.latent_blocks.{j}.0.", f"encoder.self_attention.{self_key}.", latent),
+                (f"layers.{i}.2.latent_blocks.{j}.1.", f"encoder.self_attention.{self_key}.", ff),
+            ]
+    return entries
