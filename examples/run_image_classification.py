@@ -19,9 +19,9 @@ Validation accuracy goes through ``evaluate`` with the metric module shipped in 
 ``pipeline("image-classification", model=<output_dir>)`` loads them. ``--model_api original`` trains the
 same classifier built with krasserm's original model API (``perceiver_hf.perceiver``:
 ``PerceiverIO(PerceiverEncoder(ImageInputAdapter(...)), PerceiverDecoder(ClassificationOutputAdapter(...)))``)
-and saves its weights as ``model.safetensors`` plus the arguments that rebuild it (``model_api_original.json``). Watch a run with
-``tensorboard --logdir <output_dir>/runs``; ``--checkpointing_steps`` and ``--resume_from_checkpoint``
-let a run stop and continue exactly.
+and saves its weights as ``model.safetensors`` plus the arguments that rebuild it
+(``model_api_original.json``). Watch a run with ``tensorboard --logdir <output_dir>/runs``;
+``--checkpointing_steps`` and ``--resume_from_checkpoint`` let a run stop and continue exactly.
 """
 
 from __future__ import annotations

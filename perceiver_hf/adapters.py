@@ -26,6 +26,8 @@ from .position_encoding import FourierPositionEncoding, LearnedPositionEncoding
 __all__ = [
     "InputAdapter",
     "OutputAdapter",
+    "move_channels_last",
+    "concat_positions",
     "TextInputAdapter",
     "ImageInputAdapter",
     "ConvDownsample",
@@ -42,12 +44,42 @@ def _require_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} ({value!r}) must be a positive integer")
 
 
+def _require_positive_ints(**values: object) -> None:
+    """`_require_positive_int` of each keyword argument, in order."""
+    for name, value in values.items():
+        _require_positive_int(name, value)
+
+
 class InputAdapter(nn.Module):
-    """Base class of input adapters: `forward(inputs) -> (B, N, num_input_channels)`."""
+    """Base class of input adapters: `forward(inputs) -> (B, N, num_input_channels)`.
+
+    An adapter with `adapts_attention_mask = True` takes the caller's attention mask with its inputs and returns
+    `(features, position mask (B, N) or None)` (audio: a sample mask becomes a patch mask).
+    """
+
+    adapts_attention_mask = False
 
     def __init__(self, num_input_channels: int) -> None:
         super().__init__()
         self.num_input_channels = num_input_channels
+
+
+def move_channels_last(data: torch.Tensor, num_channels: int) -> torch.Tensor | None:
+    """Channels-last `(B, *A, C)` data as it is, channels-first `(B, C, *A)` data moved to channels-last (a view);
+    `None` when neither axis 1 nor the last axis has `num_channels` entries (the caller raises its own error).
+
+    The last axis wins when both fit, as in the original Perceiver's channels-last layout.
+    """
+    if data.shape[-1] == num_channels:
+        return data
+    if data.shape[1] == num_channels:
+        return data.movedim(1, -1)
+    return None
+
+
+def concat_positions(features: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Features `(B, N, C)` and position features `(N, P)` shared by the batch -> `(B, N, C + P)`."""
+    return torch.cat([features, positions.expand(features.shape[0], -1, -1)], dim=-1)
 
 
 class OutputAdapter(nn.Module):
@@ -71,10 +103,7 @@ class TextInputAdapter(InputAdapter):
     """
 
     def __init__(self, vocab_size: int, max_seq_len: int, num_input_channels: int) -> None:
-        for name, value in (
-            ("vocab_size", vocab_size), ("max_seq_len", max_seq_len), ("num_input_channels", num_input_channels)
-        ):  # fmt: skip
-            _require_positive_int(name, value)
+        _require_positive_ints(vocab_size=vocab_size, max_seq_len=max_seq_len, num_input_channels=num_input_channels)
         super().__init__(num_input_channels)
         self.token_embedding = nn.Embedding(vocab_size, num_input_channels)
         self.position_embedding = LearnedPositionEncoding(max_seq_len, num_input_channels)
@@ -366,10 +395,9 @@ class ImageInputAdapter(InputAdapter):
             raise ValueError(
                 f"images must hold at least one image of at least 1x1 pixels, got shape {tuple(images.shape)}"
             )
-        if images.shape[-1] == c:
-            return images
-        if images.shape[1] == c:
-            return images.permute(0, 2, 3, 1)
+        channels_last = move_channels_last(images, c)
+        if channels_last is not None:
+            return channels_last
         raise ValueError(
             f"images of shape {tuple(images.shape)} have no axis of {c} channels at position 1 or -1 "
             f"(expected (batch, height, width, {c}) or (batch, {c}, height, width))"
@@ -408,8 +436,7 @@ class ImageInputAdapter(InputAdapter):
             )
         if hasattr(self, "position_projection"):
             positions = self.position_projection(positions)  # (H'*W', P')
-        features = x.reshape(b, -1, c)  # (B, H'*W', C')
-        return torch.cat([features, positions.expand(b, -1, -1)], dim=-1)  # (B, H'*W', C' + P)
+        return concat_positions(x.reshape(b, -1, c), positions)  # (B, H'*W', C' + P)
 
     def interpolated_positions(self, grid: tuple[int, int]) -> torch.Tensor:
         """The learned `(H0*W0, P)` position table resized to `grid` `(H', W')` -> `(H'*W', P)`."""
@@ -427,10 +454,7 @@ class TextOutputAdapter(OutputAdapter):
     """
 
     def __init__(self, vocab_size: int, max_seq_len: int, num_output_channels: int) -> None:
-        for name, value in (
-            ("vocab_size", vocab_size), ("max_seq_len", max_seq_len), ("num_output_channels", num_output_channels)
-        ):  # fmt: skip
-            _require_positive_int(name, value)
+        _require_positive_ints(vocab_size=vocab_size, max_seq_len=max_seq_len, num_output_channels=num_output_channels)
         super().__init__((max_seq_len, num_output_channels))
         self.linear = nn.Linear(num_output_channels, vocab_size)
 
@@ -450,10 +474,9 @@ class ClassificationOutputAdapter(OutputAdapter):
     def __init__(self, num_classes: int, num_outputs: int = 1, num_output_channels: int | None = None) -> None:
         if num_output_channels is None:
             num_output_channels = num_classes
-        for name, value in (
-            ("num_classes", num_classes), ("num_outputs", num_outputs), ("num_output_channels", num_output_channels)
-        ):  # fmt: skip
-            _require_positive_int(name, value)
+        _require_positive_ints(
+            num_classes=num_classes, num_outputs=num_outputs, num_output_channels=num_output_channels
+        )
         super().__init__((num_outputs, num_output_channels))
         self.linear = nn.Linear(num_output_channels, num_classes)
 

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import InputAdapter
+from .adapters import InputAdapter, _require_positive_int, _require_positive_ints, concat_positions
 from .position_encoding import FourierPositionEncoding
 
-__all__ = ["AudioInputAdapter", "patch_mask", "log_power_spectrum", "AUDIO_PREPROCESSINGS"]
+__all__ = ["AudioInputAdapter", "patch_mask", "patch_features", "log_power_spectrum", "AUDIO_PREPROCESSINGS"]
 
 AUDIO_PREPROCESSINGS = ("samples", "spectrogram")
 
@@ -39,6 +39,28 @@ def log_power_spectrum(frames: torch.Tensor) -> torch.Tensor:
     """
     power = torch.fft.rfft(frames.float(), dim=-1).abs().square()
     return torch.log1p(power).to(frames.dtype)
+
+
+def patch_features(
+    x: torch.Tensor, patch_size: int, mask: torch.Tensor | None = None, spectrogram: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A channels-last sequence `(B, T, A)` -> `(patches, patch mask)`, shared by the audio and multimodal adapters.
+
+    `patches` is `(B, N, P*A)`, sample-major within a patch, or with `spectrogram` the log power spectrum of each
+    patch and channel, `(B, N, A*(P//2+1))`. Samples that `mask` `(B, T)` marks as padding are zeroed first (a patch
+    may hold real and padded samples; their values must never matter), and zeros complete the last patch. The patch
+    mask is `patch_mask(mask, patch_size)` `(B, N)`, or `None` without a mask.
+    """
+    b, t, a = x.shape
+    if mask is not None:
+        x = x * mask.to(x.dtype)[..., None]
+    x = F.pad(x, (0, 0, 0, -t % patch_size))  # zero samples complete the last patch
+    if spectrogram:
+        frames = x.reshape(b, -1, patch_size, a).transpose(2, 3)  # (B, N, A, P)
+        patches = log_power_spectrum(frames).flatten(2)  # (B, N, A*(P/2+1))
+    else:
+        patches = x.reshape(b, -1, patch_size * a)  # (B, N, P*A)
+    return patches, None if mask is None else patch_mask(mask, patch_size)
 
 
 class AudioInputAdapter(InputAdapter):
@@ -84,20 +106,20 @@ class AudioInputAdapter(InputAdapter):
     ) -> None:
         if preprocessing not in AUDIO_PREPROCESSINGS:
             raise ValueError(f"preprocessing ({preprocessing!r}) must be one of {list(AUDIO_PREPROCESSINGS)}")
-        for name, value in (
-            ("max_samples", max_samples),
-            ("patch_size", patch_size),
-            ("num_audio_channels", num_audio_channels),
-            ("num_frequency_bands", num_frequency_bands),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} ({value!r}) must be a positive integer")
-        if num_projection_channels is not None and num_projection_channels < 1:
-            raise ValueError(f"num_projection_channels ({num_projection_channels!r}) must be a positive integer")
+        _require_positive_ints(
+            max_samples=max_samples,
+            patch_size=patch_size,
+            num_audio_channels=num_audio_channels,
+            num_frequency_bands=num_frequency_bands,
+        )
+        if num_projection_channels is not None:
+            _require_positive_int("num_projection_channels", num_projection_channels)
         if max_frequency is not None and not max_frequency > 0:
             raise ValueError(f"max_frequency ({max_frequency!r}) must be positive or None")
         num_positions = math.ceil(max_samples / patch_size)
-        encoding = FourierPositionEncoding(1, num_frequency_bands, (max_frequency or num_positions,))
+        encoding = FourierPositionEncoding(
+            1, num_frequency_bands, (max_frequency or num_positions,), fixed_length=num_positions
+        )
         per_channel = patch_size // 2 + 1 if preprocessing == "spectrogram" else patch_size
         num_patch_features = per_channel * num_audio_channels
         num_features = num_projection_channels or num_patch_features
@@ -136,7 +158,7 @@ class AudioInputAdapter(InputAdapter):
             `(features (B, N, C), position mask (B, N) or None)`.
         """
         x = self.to_batch_time_channels(waveform)  # (B, T, A)
-        b, t, a = x.shape
+        b, t, _ = x.shape
         if t > self.max_samples:
             raise ValueError(
                 f"input_values has {t} samples, more than the model's max_audio_samples ({self.max_samples}); "
@@ -149,19 +171,8 @@ class AudioInputAdapter(InputAdapter):
                 f"attention_mask must have the shape of the waveform (batch, samples) = ({b}, {t}), "
                 f"got {tuple(attention_mask.shape)}"
             )
-        if attention_mask is not None:
-            # A patch may hold real and padded samples: zero the padded ones, so their values never matter.
-            x = x * attention_mask.to(x.dtype)[..., None]
-        p = self.patch_size
-        x = F.pad(x, (0, 0, 0, -t % p))  # zero samples complete the last patch
-        patches = x.reshape(b, -1, p * a)  # (B, N, P*A), sample-major within a patch
-        if self.preprocessing == "spectrogram":
-            frames = x.reshape(b, -1, p, a).transpose(2, 3)  # (B, N, A, P)
-            patches = log_power_spectrum(frames).flatten(2)  # (B, N, A*(P/2+1))
+        patches, mask = patch_features(x, self.patch_size, attention_mask, self.preprocessing == "spectrogram")
         if hasattr(self, "projection"):
-            patches = self.projection(patches)
-        n = patches.shape[1]
-        positions = self.position_encoding((self.num_positions,), patches.device, patches.dtype)[:n]  # (N, F)
-        features = torch.cat([patches, positions.expand(b, -1, -1)], dim=-1)  # (B, N, C)
-        mask = None if attention_mask is None else patch_mask(attention_mask, p)
-        return features, mask
+            patches = self.projection(patches)  # (B, N, C - F)
+        positions = self.position_encoding(patches.shape[1:2], patches.device, patches.dtype)  # (N, F)
+        return concat_positions(patches, positions), mask  # (B, N, C)

@@ -28,14 +28,21 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .adapters import InputAdapter
-from .adapters_audio import log_power_spectrum
+from .adapters import InputAdapter, move_channels_last
+from .adapters_audio import patch_features
 from .position_encoding import FourierPositionEncoding
 
-__all__ = ["ModalitySpec", "MultimodalInputAdapter", "validate_modalities", "RESERVED_MODALITY_NAMES"]
+__all__ = [
+    "ModalitySpec",
+    "ModalityFeatures",
+    "TokenModalityFeatures",
+    "MODALITY_FEATURES",
+    "MultimodalInputAdapter",
+    "validate_modalities",
+    "RESERVED_MODALITY_NAMES",
+]
 
 # Model keyword arguments that a modality name would shadow (modalities are also passed as keywords).
 RESERVED_MODALITY_NAMES = frozenset(
@@ -164,6 +171,11 @@ class ModalitySpec:
     def is_tokens(self) -> bool:
         return self.vocab_size is not None
 
+    @property
+    def kind(self) -> str:
+        """The key of the modality's feature class in `MODALITY_FEATURES`: `"tokens"` or `"continuous"`."""
+        return "tokens" if self.is_tokens else "continuous"
+
     def num_data_channels(self, num_layers: int) -> int:
         """Data channels per position that each cross-attention layer sees."""
         if self.split_across_layers:
@@ -190,6 +202,121 @@ def validate_modalities(
     if duplicates:
         raise ValueError(f"modality names must be unique, got {duplicates} more than once in {names}")
     return specs
+
+
+class ModalityFeatures(nn.Module):
+    """One continuous modality's features, before the adapter pads them to the common width.
+
+    Maps the modality's data and optional mask to `(features (B, N_m, d_m), positions (N_m, P) or None,
+    mask (B, N_m) or None)`. It has no parameters (so no state-dict entries): the Fourier features are a pure
+    function of the grid. It composes the pieces the single-modality adapters use:
+
+    - the layout: `move_channels_last`, as `ImageInputAdapter` (plus `(B, *A)` data when `c == 1`);
+    - 1-axis data with `patch_size > 1`: `patch_features` (patches or their log power spectra, the patch mask), as
+      `AudioInputAdapter`;
+    - `FourierPositionEncoding` of the (patched) grid, with a `fixed_length` grid when `max_length` is set, as
+      `AudioInputAdapter`.
+
+    Not shared on purpose: positions are Fourier features of `max_freq` (the image adapter derives its frequencies
+    from the configured grid) and the data are not projected (the image and audio adapters may project them).
+    """
+
+    def __init__(self, spec: ModalitySpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.position_encoding = (
+            FourierPositionEncoding(
+                spec.num_axes,
+                spec.num_freq_bands,
+                (spec.max_freq,) * spec.num_axes,
+                fixed_length=None if spec.max_length is None else math.ceil(spec.max_length / spec.patch_size),
+            )
+            if spec.num_freq_bands > 0
+            else None
+        )
+
+    def layout(self, data: torch.Tensor, dtype: torch.dtype, embedding: nn.Module | None = None) -> torch.Tensor:
+        """Raw data -> channels-last features `(B, *A, c)` in `dtype`, with clear shape errors."""
+        name, c, k = self.spec.name, self.spec.channels, self.spec.num_axes
+        if not data.is_floating_point():
+            raise ValueError(f"modality {name!r} takes floating point data, got dtype {data.dtype}")
+        if data.ndim == k + 1 and c == 1:
+            data = data.unsqueeze(-1)
+        if data.ndim != k + 2:
+            raise ValueError(
+                f"modality {name!r} has {k} axes and {c} channels: expected shape (batch, *axes, {c}) or "
+                f"(batch, {c}, *axes) with {k} axes, got {tuple(data.shape)}"
+            )
+        channels_last = move_channels_last(data, c)
+        if channels_last is None:
+            raise ValueError(
+                f"modality {name!r}: data of shape {tuple(data.shape)} has no axis of {c} channels at position 1 or -1"
+            )
+        return channels_last.to(dtype)
+
+    def position_mask(self, mask: torch.Tensor, batch_size: int, axes: Sequence[int]) -> torch.Tensor:
+        """The modality's mask `(B,)`, `(B, *A)` or `(B, prod(A))` -> `(B, prod(A))` booleans (before patching)."""
+        num_positions = math.prod(axes)
+        if mask.shape == (batch_size,):
+            return mask.bool()[:, None].expand(batch_size, num_positions)
+        if tuple(mask.shape) in ((batch_size, *axes), (batch_size, num_positions)):
+            return mask.bool().reshape(batch_size, num_positions)
+        raise ValueError(
+            f"the mask of modality {self.spec.name!r} must have shape ({batch_size},) (per example) or "
+            f"({batch_size}, {', '.join(map(str, axes))}) (per position), got {tuple(mask.shape)}"
+        )
+
+    def forward(
+        self,
+        data: torch.Tensor,
+        mask: torch.Tensor | None,
+        batch_size: int,
+        dtype: torch.dtype,
+        embedding: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """`(features (B, N_m, d_m), Fourier positions (N_m, P) or None, mask (B, N_m) or None)`."""
+        spec = self.spec
+        x = self.layout(data, dtype, embedding)  # (B, *A, c)
+        axes = tuple(x.shape[1:-1])
+        if 0 in axes:
+            raise ValueError(f"modality {spec.name!r} has an empty axis: shape {tuple(data.shape)}")
+        mask = None if mask is None else self.position_mask(mask, batch_size, axes)
+        if spec.max_length is not None and axes[0] > spec.max_length:
+            raise ValueError(
+                f"modality {spec.name!r} has length {axes[0]}, more than its max_length ({spec.max_length})"
+            )
+        if spec.patch_size > 1:
+            x, mask = patch_features(x, spec.patch_size, mask, spec.spectrogram)  # (B, N_m, P*c or c*(P/2+1))
+            axes = (x.shape[1],)
+        x = x.reshape(batch_size, -1, x.shape[-1])  # (B, N_m, d_m)
+        positions = None if self.position_encoding is None else self.position_encoding(axes, x.device, dtype)
+        return x, positions, mask
+
+
+class TokenModalityFeatures(ModalityFeatures):
+    """A token modality (text): ids `(B, L)` or `(B, L, 1)` are embedded, then handled as 1-axis continuous data.
+
+    The embedding module is the adapter's (`token_embeddings[name]`, its state-dict key), passed to `forward`.
+    Unlike `TextInputAdapter`, whose positions are a learned table, positions are Fourier features, as in the
+    multi-modality Perceiver fork; the two adapters share only the embedding lookup (`nn.Embedding`).
+    """
+
+    def layout(self, data: torch.Tensor, dtype: torch.dtype, embedding: nn.Module | None = None) -> torch.Tensor:
+        name = self.spec.name
+        if data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
+            raise ValueError(f"modality {name!r} takes integer token ids, got dtype {data.dtype}")
+        if data.ndim == 3 and data.shape[-1] == 1:
+            data = data.squeeze(-1)  # the fork's (B, L, 1) layout
+        if data.ndim != 2:
+            raise ValueError(f"modality {name!r} takes token ids of shape (batch, length), got {tuple(data.shape)}")
+        return embedding(data).to(dtype)  # (B, L, c)
+
+
+# The feature class of each kind of modality (`ModalitySpec.kind`).
+MODALITY_FEATURES: dict[str, type[ModalityFeatures]] = {
+    "continuous": ModalityFeatures,
+    "tokens": TokenModalityFeatures,
+}
 
 
 class MultimodalInputAdapter(InputAdapter):
@@ -245,14 +372,8 @@ class MultimodalInputAdapter(InputAdapter):
                 if s.is_tokens
             }
         )
-        # No parameters: the features are a pure function of the grid, cached per shape, device and dtype.
-        self.position_encodings = nn.ModuleDict(
-            {
-                s.name: FourierPositionEncoding(s.num_axes, s.num_freq_bands, (s.max_freq,) * s.num_axes)
-                for s in specs
-                if s.num_freq_bands > 0
-            }
-        )
+        # No parameters (no state-dict entries): the Fourier features are a pure function of the grid.
+        self.features = nn.ModuleDict({s.name: MODALITY_FEATURES[s.kind](s) for s in specs})
         # One (1, C) embedding per modality, keyed by name: the same vector whichever other modalities are present.
         # nn.Embedding (not a bare Parameter) so that transformers' default weight initialisation covers it.
         self.modality_embedding = (
@@ -267,62 +388,6 @@ class MultimodalInputAdapter(InputAdapter):
     @property
     def modality_names(self) -> list[str]:
         return list(self.specs)
-
-    # ------------------------------------------------------------------------------------------ layout
-
-    def _layout(self, spec: ModalitySpec, data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Raw data -> channels-last features `(B, *A, c)` (token ids embedded), with clear shape errors."""
-        name, c, k = spec.name, spec.channels, spec.num_axes
-        if spec.is_tokens:
-            if data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
-                raise ValueError(f"modality {name!r} takes integer token ids, got dtype {data.dtype}")
-            if data.ndim == 3 and data.shape[-1] == 1:
-                data = data.squeeze(-1)  # the fork's (B, L, 1) layout
-            if data.ndim != 2:
-                raise ValueError(f"modality {name!r} takes token ids of shape (batch, length), got {tuple(data.shape)}")
-            return self.token_embeddings[name](data).to(dtype)  # (B, L, c)
-        if not data.is_floating_point():
-            raise ValueError(f"modality {name!r} takes floating point data, got dtype {data.dtype}")
-        if data.ndim == k + 1 and c == 1:
-            data = data.unsqueeze(-1)
-        if data.ndim != k + 2:
-            raise ValueError(
-                f"modality {name!r} has {k} axes and {c} channels: expected shape (batch, *axes, {c}) or "
-                f"(batch, {c}, *axes) with {k} axes, got {tuple(data.shape)}"
-            )
-        if data.shape[-1] != c:
-            if data.shape[1] != c:
-                raise ValueError(
-                    f"modality {name!r}: data of shape {tuple(data.shape)} has no axis of {c} channels at "
-                    f"position 1 or -1"
-                )
-            data = data.movedim(1, -1)  # channels-first -> channels-last
-        return data.to(dtype)
-
-    def _position_mask(
-        self, spec: ModalitySpec, mask: torch.Tensor, batch_size: int, axes: Sequence[int]
-    ) -> torch.Tensor:
-        """A modality's mask `(B,)`, `(B, *A)` or `(B, prod(A))` -> `(B, prod(A))` booleans (before patching)."""
-        num_positions = math.prod(axes)
-        if mask.shape == (batch_size,):
-            return mask.bool()[:, None].expand(batch_size, num_positions)
-        if tuple(mask.shape) in ((batch_size, *axes), (batch_size, num_positions)):
-            return mask.bool().reshape(batch_size, num_positions)
-        raise ValueError(
-            f"the mask of modality {spec.name!r} must have shape ({batch_size},) (per example) or "
-            f"({batch_size}, {', '.join(map(str, axes))}) (per position), got {tuple(mask.shape)}"
-        )
-
-    def _positions(self, spec: ModalitySpec, grid: Sequence[int], device: torch.device, dtype: torch.dtype):
-        """Fourier features `(prod(grid), P)` of the modality's (patched) position grid, or `None`."""
-        if spec.num_freq_bands == 0:
-            return None
-        encoding = self.position_encodings[spec.name]
-        if spec.max_length is None:
-            return encoding(grid, device, dtype)
-        (n,) = grid
-        fixed = math.ceil(spec.max_length / spec.patch_size)
-        return encoding((fixed,), device, dtype)[:n]  # the first n positions of the fixed grid
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -361,31 +426,11 @@ class MultimodalInputAdapter(InputAdapter):
         device = next(data.device for data in inputs.values() if data is not None)
         pieces = []  # (spec, features (B, N_m, c_m) full width, positions (N_m, P) or None, mask (B, N_m) or None)
         for spec in present:
-            x = self._layout(spec, inputs[spec.name], dtype)  # (B, *A, c)
-            axes = tuple(x.shape[1:-1])
-            if 0 in axes:
-                raise ValueError(f"modality {spec.name!r} has an empty axis: shape {tuple(inputs[spec.name].shape)}")
-            mask = attention_mask.get(spec.name)
-            mask = None if mask is None else self._position_mask(spec, mask, b, axes)
-            if spec.max_length is not None and axes[0] > spec.max_length:
-                raise ValueError(
-                    f"modality {spec.name!r} has length {axes[0]}, more than its max_length ({spec.max_length})"
-                )
-            if spec.patch_size > 1:
-                p = spec.patch_size
-                if mask is not None:
-                    # A patch may hold real and padded positions: zero the padded ones, so their values never matter.
-                    x = x * mask.to(x.dtype)[..., None]
-                x = F.pad(x, (0, 0, 0, -axes[0] % p))  # zeros complete the last patch
-                x = x.reshape(b, -1, p * spec.channels)  # (B, N_m, P*c)
-                if spec.spectrogram:
-                    frames = x.view(b, -1, p, spec.channels).transpose(2, 3)  # (B, N_m, c, P)
-                    x = log_power_spectrum(frames).flatten(2)  # (B, N_m, c*(P/2+1))
-                axes = (x.shape[1],)
-                if mask is not None:
-                    mask = F.pad(mask, (0, -mask.shape[1] % p)).view(b, -1, p).any(dim=-1)
-            x = x.reshape(b, -1, x.shape[-1])  # (B, N_m, c or P*c)
-            pieces.append((spec, x, self._positions(spec, axes, device, dtype), mask))
+            embedding = self.token_embeddings[spec.name] if spec.is_tokens else None
+            x, positions, mask = self.features[spec.name](
+                inputs[spec.name], attention_mask.get(spec.name), b, dtype, embedding
+            )
+            pieces.append((spec, x, positions, mask))
 
         if self.splits_across_layers:
             outputs: torch.Tensor | list[torch.Tensor] = [

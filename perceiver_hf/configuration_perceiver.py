@@ -223,6 +223,15 @@ class PerceiverConfig(PretrainedConfig):
             Dropout on the residual branches (attention output and MLP output).
         attention_dropout (`float`, *optional*, defaults to 0.0):
             Dropout on attention probabilities.
+        attention_output_dropout / mlp_output_dropout (`float`, *optional*):
+            Dropout on the attention branch's output / the MLP's output before the residual sum, when it differs
+            from `dropout` (lucidrains' perceiver-pytorch: none on the attention branch; `None`: `dropout`).
+        mlp_hidden_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout between the MLP's two linear layers (the multi-modality fork's feed-forward).
+        cross_attention_inverted (`list[bool]`, *optional*):
+            Per encoder cross-attention layer, whether its attention is inverted (lucidrains' `inverted_cross_attn`:
+            a softmax over the latents, so that they compete for each input, then each latent's weights
+            renormalised to sum to 1). `None`: no layer is.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the truncated normal initialisation.
         layer_norm_eps (`float`, *optional*, defaults to 1e-5):
@@ -286,6 +295,10 @@ class PerceiverConfig(PretrainedConfig):
         hidden_act: str = "gelu",
         dropout: float = 0.0,
         attention_dropout: float = 0.0,
+        attention_output_dropout: float | None = None,
+        mlp_output_dropout: float | None = None,
+        mlp_hidden_dropout: float = 0.0,
+        cross_attention_inverted: list[bool] | None = None,
         initializer_range: float = 0.02,
         layer_norm_eps: float = 1e-5,
         tie_word_embeddings: bool = True,
@@ -363,6 +376,10 @@ class PerceiverConfig(PretrainedConfig):
         self.hidden_act = hidden_act
         self.dropout = dropout
         self.attention_dropout = attention_dropout
+        self.attention_output_dropout = attention_output_dropout
+        self.mlp_output_dropout = mlp_output_dropout
+        self.mlp_hidden_dropout = mlp_hidden_dropout
+        self.cross_attention_inverted = None if cross_attention_inverted is None else list(cross_attention_inverted)
         self.initializer_range = initializer_range
         self.layer_norm_eps = layer_norm_eps
         self.pad_token_id = pad_token_id
@@ -472,6 +489,18 @@ class PerceiverConfig(PretrainedConfig):
             positive_int(name, optional=True)
         probability("dropout")
         probability("attention_dropout")
+        probability("mlp_hidden_dropout")
+        for name in ("attention_output_dropout", "mlp_output_dropout"):
+            if getattr(self, name) is not None:
+                probability(name)
+        if self.cross_attention_inverted is not None and (
+            len(self.cross_attention_inverted) != self.num_cross_attention_layers
+            or not all(isinstance(flag, bool) for flag in self.cross_attention_inverted)
+        ):
+            raise ValueError(
+                f"cross_attention_inverted ({self.cross_attention_inverted!r}) must be one True/False per "
+                f"cross-attention layer (num_cross_attention_layers={self.num_cross_attention_layers})"
+            )
         self._validate_input_adapter_settings(choice, positive_int)
         if self.num_cross_attention_layers > self.num_self_attention_blocks:
             raise ValueError(

@@ -94,6 +94,11 @@ def _check_attention_mask(attention_mask: torch.Tensor | None, batch_size: int, 
         )
 
 
+def _or(value, default):
+    """`value`, or `default` when it is `None` (a setting that defaults to another one)."""
+    return default if value is None else value
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -115,6 +120,28 @@ def eager_attention_forward(
         scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     # Softmax in fp32 keeps half-precision runs stable.
     weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(F.dropout(weights, p=dropout, training=module.training), value)  # (B, H, Nq, Dv)
+    return out.transpose(1, 2), weights
+
+
+def inverted_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverted attention (lucidrains' `inverted_cross_attn`, after slot attention), in the same form as
+    `eager_attention_forward`: the softmax runs over the queries, so that the latents compete for each input, then
+    each query's weights are renormalised to sum to 1."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, Nq, Nkv)
+    weights = scores.softmax(dim=-2, dtype=torch.float32).to(query.dtype)
+    if attention_mask is not None:
+        weights = weights.masked_fill(~attention_mask, 0.0)
+    weights = F.normalize(weights, p=1, dim=-1, eps=1e-8)
     out = torch.matmul(F.dropout(weights, p=dropout, training=module.training), value)  # (B, H, Nq, Dv)
     return out.transpose(1, 2), weights
 
@@ -188,6 +215,7 @@ class PerceiverAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        inverted: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         Args:
@@ -196,6 +224,7 @@ class PerceiverAttention(nn.Module):
             attention_mask: `(B, Nkv)`, 1 (or True) for positions to attend to, 0 for padding.
             output_attentions: also return the attention weights `(B, H, Nq, Nkv)` (computed eagerly).
             kv: keys and values from `project_kv(x_kv)`, to reuse them across calls.
+            inverted: inverted attention (`inverted_attention_forward`) instead of the usual softmax over keys.
 
         Returns:
             `(output (B, Nq, out_channels), attention weights or None)`.
@@ -213,6 +242,8 @@ class PerceiverAttention(nn.Module):
         # translators) has no implementation set and takes SDPA.
         implementation = "eager" if output_attentions else self.config._attn_implementation or "sdpa"
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        if inverted:
+            attention = inverted_attention_forward
         out, weights = attention(
             self,
             q,
@@ -229,7 +260,7 @@ class PerceiverAttention(nn.Module):
 
 
 class PerceiverMLP(nn.Module):
-    """Pre-LayerNorm MLP: `LayerNorm -> Linear(C, w*C) -> GELU (or GEGLU) -> Linear(w*C, C) -> dropout`.
+    """Pre-LayerNorm MLP: `LayerNorm -> Linear(C, w*C) -> GELU (or GEGLU) -> [dropout] -> Linear(w*C, C) -> dropout`.
 
     `config.hidden_act` chooses GELU or GEGLU (lucidrains': half of a doubled hidden layer gated by the GELU of
     the other half); `widening_factor` is the hidden width as a multiple of `channels`.
@@ -242,7 +273,8 @@ class PerceiverMLP(nn.Module):
         self.norm = nn.LayerNorm(channels, eps=config.layer_norm_eps)
         self.fc1 = nn.Linear(channels, 2 * hidden if self.gated else hidden)
         self.fc2 = nn.Linear(hidden, channels)
-        self.dropout = nn.Dropout(config.dropout)
+        self.hidden_dropout = nn.Dropout(config.mlp_hidden_dropout)
+        self.dropout = nn.Dropout(_or(config.mlp_output_dropout, config.dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(self.norm(x))
@@ -251,7 +283,7 @@ class PerceiverMLP(nn.Module):
             h = h * F.gelu(gate)
         else:
             h = F.gelu(h)
-        return self.dropout(self.fc2(h))
+        return self.dropout(self.fc2(self.hidden_dropout(h)))
 
 
 def _runs_plain_linear(module: nn.Module) -> bool:
@@ -288,7 +320,7 @@ class PerceiverCrossAttentionLayer(nn.Module):
         self.q_norm = nn.LayerNorm(q_channels, eps=config.layer_norm_eps)
         self.kv_norm = nn.LayerNorm(kv_channels, eps=config.layer_norm_eps)
         self.attention = PerceiverAttention(config, num_heads, q_channels, kv_channels, qk_channels, v_channels)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(_or(config.attention_output_dropout, config.dropout))
         self.use_query_residual = use_query_residual
         self.mlp = PerceiverMLP(config, q_channels, widening_factor) if use_mlp else None
 
@@ -320,12 +352,13 @@ class PerceiverCrossAttentionLayer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        inverted: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         _check_features("x_q", x_q, self.q_norm.normalized_shape[0])
         if kv is None:
             _check_features("x_kv", x_kv, self.kv_norm.normalized_shape[0], batch_size=x_q.shape[0])
             kv = self.project_kv(x_kv)
-        attended, weights = self.attention(self.q_norm(x_q), None, attention_mask, output_attentions, kv)
+        attended, weights = self.attention(self.q_norm(x_q), None, attention_mask, output_attentions, kv, inverted)
         x = self.dropout(attended)
         if self.use_query_residual:
             x = x + x_q
@@ -350,7 +383,7 @@ class PerceiverSelfAttentionLayer(nn.Module):
             qk_channels=config.self_attention_qk_channels,
             v_channels=config.self_attention_v_channels,
         )
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(_or(config.attention_output_dropout, config.dropout))
         self.mlp = PerceiverMLP(config, channels, config.self_attention_widening_factor)
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -411,6 +444,7 @@ class PerceiverEncoder(_CheckpointingMixin, nn.Module):
         self.input_adapter = input_adapter
         self.num_input_channels = num_input_channels
         self.num_cross_attention_layers = config.num_cross_attention_layers
+        self.cross_attention_inverted = config.cross_attention_inverted or [False] * config.num_cross_attention_layers
         self.self_attention_block_residual = config.self_attention_block_residual
         self.latent = nn.Parameter(torch.empty(config.num_latents, config.d_latents))
         self.init_scale = config.initializer_range
@@ -528,8 +562,9 @@ class PerceiverEncoder(_CheckpointingMixin, nn.Module):
                     kv = shared_kv.get((key, id(layer_x)))  # the same weights and the same inputs
                     if kv is None:
                         kv = shared_kv[(key, id(layer_x))] = cross_attention.project_kv(layer_x)
+                inverted = self.cross_attention_inverted[b_index]
                 x_latent, weights = self._run_layer(
-                    cross_attention, x_latent, layer_x, attention_mask, output_attentions, kv
+                    cross_attention, x_latent, layer_x, attention_mask, output_attentions, kv, inverted
                 )
                 if output_attentions:
                     cross_attentions.append(weights)

@@ -67,6 +67,11 @@ class FourierPositionEncoding(nn.Module):
 
     The cache is a plain dict, not a buffer: the features are a pure function of the shape, so they
     are never saved in a checkpoint and a model accepts grids of any size.
+
+    `fixed_length` (1 axis only): positions are encoded on a fixed grid of that many positions, and an input of
+    `n <= fixed_length` positions gets the first `n` of them. A sequence's features then do not depend on the
+    length of the batch it is padded into (the features of a grid spanning the padded length would move every
+    position whenever the batch's longest sequence changes). `None`: the grid spans the input's own shape.
     """
 
     def __init__(
@@ -76,17 +81,21 @@ class FourierPositionEncoding(nn.Module):
         max_frequencies: Sequence[float] | None = None,
         include_positions: bool = True,
         sine_only: bool = False,
+        fixed_length: int | None = None,
     ) -> None:
         super().__init__()
         if max_frequencies is not None and len(max_frequencies) != num_spatial_axes:
             raise ValueError(
                 f"max_frequencies ({list(max_frequencies)}) must have one entry per spatial axis ({num_spatial_axes})"
             )
+        if fixed_length is not None and num_spatial_axes != 1:
+            raise ValueError(f"fixed_length applies to 1 spatial axis, got {num_spatial_axes}")
         self.num_spatial_axes = num_spatial_axes
         self.num_frequency_bands = num_frequency_bands
         self.max_frequencies = None if max_frequencies is None else tuple(float(f) for f in max_frequencies)
         self.include_positions = include_positions
         self.sine_only = sine_only
+        self.fixed_length = fixed_length
         self._cache: dict[tuple, torch.Tensor] = {}
 
     @property
@@ -96,6 +105,13 @@ class FourierPositionEncoding(nn.Module):
 
     def forward(self, spatial_shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Return `(prod(spatial_shape), num_channels)` features (not expanded over the batch)."""
+        if self.fixed_length is not None:
+            (n,) = spatial_shape
+            return self.grid_features((self.fixed_length,), device, dtype)[:n]  # the first n of the fixed grid
+        return self.grid_features(spatial_shape, device, dtype)
+
+    def grid_features(self, spatial_shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The cached `(prod(spatial_shape), num_channels)` features of a grid spanning `spatial_shape`."""
         key = (tuple(spatial_shape), device, dtype)
         features = self._cache.get(key)
         if features is None:

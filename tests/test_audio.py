@@ -157,7 +157,7 @@ def test_classifier_ignores_padding(attn_implementation: str) -> None:
 
 def test_classifier_requires_audio_config_and_input() -> None:
     with pytest.raises(ValueError, match="input_adapter='audio'"):
-        PerceiverForAudioClassification(tiny_audio_config(input_adapter="text"))
+        PerceiverForAudioClassification(tiny_text_config())
     model = PerceiverForAudioClassification(tiny_audio_config())
     with pytest.raises(ValueError, match="input_values is required"):
         model(attention_mask=torch.ones(1, 4))
