@@ -22,7 +22,7 @@ import pytest
 import soundfile as sf
 import torch
 from conftest import DATA_DIR
-from perceiver_tester import audio_batch, tiny_audio_config
+from perceiver_tester import audio_batch, tiny_audio_config, tiny_text_config
 from transformers import AutoFeatureExtractor, AutoModelForAudioClassification, pipeline
 
 from perceiver_hf import (
