@@ -28,7 +28,6 @@ from .adapters import OutputAdapter
 from .adapters_multimodal import MASK_SUFFIX
 from .configuration_perceiver import PerceiverConfig
 from .modeling_perceiver import (
-    PerceiverClassifierOutput,
     PerceiverDecoder,
     PerceiverModel,
     PerceiverPreTrainedModel,
@@ -73,34 +72,6 @@ class PerceiverForAudioClassification(_PerceiverClassificationModel):
                 f"PerceiverForAudioClassification needs input_adapter='audio', got {config.input_adapter!r}"
             )
         super().__init__(config)
-
-    def forward(
-        self,
-        input_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> PerceiverClassifierOutput | tuple:
-        """
-        Args:
-            input_values: `(B, T)` mono or `(B, T, A)` waveforms, `T <= config.max_audio_samples`.
-            attention_mask: `(B, T)`, 1 for real samples, 0 for padding.
-            labels: `(B,)` class ids (single-label), `(B, num_labels)` multi-hot floats (multi-label) or floats
-                (regression).
-        """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if input_values is None:
-            raise ValueError("input_values is required")
-        encoded = self.perceiver(
-            inputs=input_values,
-            attention_mask=attention_mask,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        return self._classify(encoded, labels, output_attentions, return_dict)
 
 
 @dataclass

@@ -1150,6 +1150,61 @@ class _PerceiverClassificationModel(PerceiverPreTrainedModel):
             model.freeze_encoder()
         return loaded
 
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        input_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> PerceiverClassifierOutput | tuple:
+        """Classify what this head's processor returns: its `main_input_name` is the input it takes.
+
+        Args:
+            input_ids: `(B, N)` token ids (text); positions beyond `max_position_embeddings` are dropped.
+            attention_mask: `(B, N)` (text) or `(B, T)` (audio samples), 1 for real positions, 0 for padding.
+            pixel_values: `(B, C, H, W)` or `(B, H, W, C)` images.
+            input_values: `(B, T)` mono or `(B, T, A)` waveforms, `T <= config.max_audio_samples`.
+            labels: `(B,)` class ids (single-label), `(B, num_labels)` multi-hot floats (multi-label), or
+                `(B,)` / `(B, num_labels)` floats (regression).
+            interpolate_pos_encoding: images: resize learned positions to images of another size than configured.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        given = {"input_ids": input_ids, "pixel_values": pixel_values, "input_values": input_values}
+        if given[self.main_input_name] is None:
+            raise ValueError(f"{self.main_input_name} is required")
+        others = sorted(name for name, value in given.items() if value is not None and name != self.main_input_name)
+        if others:
+            raise ValueError(f"{type(self).__name__} takes {self.main_input_name}, not {others}")
+        if input_ids is not None:
+            given["input_ids"], attention_mask = self._truncate(input_ids, attention_mask)
+        encoded = self.perceiver(
+            **{self.main_input_name: given[self.main_input_name]},
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        return self._classify(encoded, labels, output_attentions, return_dict)
+
+    def _truncate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids (and their mask) cut to the model's positions, with a warning."""
+        max_len = self.config.max_position_embeddings
+        if input_ids.ndim != 2 or input_ids.shape[1] <= max_len:
+            return input_ids, attention_mask
+        logger.warning_once(
+            f"input_ids of length {input_ids.shape[1]} is cut to the model's {max_len} positions "
+            "(max_position_embeddings); tokenize with truncation=True to truncate before the model"
+        )
+        return input_ids[:, :max_len], None if attention_mask is None else attention_mask[:, :max_len]
+
     def _classify(
         self,
         encoded: BaseModelOutputWithCrossAttentions,
@@ -1173,75 +1228,18 @@ class _PerceiverClassificationModel(PerceiverPreTrainedModel):
 
 
 class PerceiverForSequenceClassification(_PerceiverClassificationModel):
-    """Perceiver IO text classifier: `input_ids` -> `(B, num_labels)` logits, loss from `labels`
+    """Perceiver IO text classifier: `input_ids` `(B, N)` -> `(B, num_labels)` logits, loss from `labels`
     (single-label, multi-label or regression by `config.problem_type`).
 
-    Inputs longer than `config.max_position_embeddings` are cut to their first
-    `max_position_embeddings` tokens (with a warning) instead of failing, so that
-    `pipeline("text-classification")` classifies long reviews with no extra argument. Tokenizing with
-    `truncation=True` (the tokenizer's `model_max_length`) truncates before the model and keeps `[SEP]`.
+    Inputs longer than `config.max_position_embeddings` are cut to their first `max_position_embeddings` tokens
+    (with a warning) instead of failing, so that `pipeline("text-classification")` classifies long reviews with no
+    extra argument. Tokenizing with `truncation=True` (the tokenizer's `model_max_length`) truncates before the
+    model and keeps `[SEP]`.
     """
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> PerceiverClassifierOutput | tuple:
-        """
-        Args:
-            input_ids: `(B, N)` token ids; positions beyond `max_position_embeddings` are dropped.
-            attention_mask: `(B, N)`, 1 for tokens, 0 for padding.
-            labels: `(B,)` class ids (single-label), `(B, num_labels)` multi-hot floats (multi-label), or
-                `(B,)` / `(B, num_labels)` floats (regression).
-        """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if input_ids is None:
-            raise ValueError("input_ids is required")
-        max_len = self.config.max_position_embeddings
-        if input_ids.ndim == 2 and input_ids.shape[1] > max_len:
-            logger.warning_once(
-                f"input_ids of length {input_ids.shape[1]} is cut to the model's {max_len} positions "
-                "(max_position_embeddings); tokenize with truncation=True to truncate before the model"
-            )
-            input_ids = input_ids[:, :max_len]
-            attention_mask = None if attention_mask is None else attention_mask[:, :max_len]
-        encoded = self.perceiver(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        return self._classify(encoded, labels, output_attentions, return_dict)
 
 
 class PerceiverForImageClassification(_PerceiverClassificationModel):
-    """Perceiver IO image classifier: `pixel_values` `(B, C, H, W)` or `(B, H, W, C)` -> `(B, num_labels)`."""
+    """Perceiver IO image classifier: `pixel_values` `(B, C, H, W)` or `(B, H, W, C)` -> `(B, num_labels)`;
+    `interpolate_pos_encoding=True` resizes learned positions to images of another size than configured."""
 
     main_input_name = "pixel_values"
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        interpolate_pos_encoding: bool = False,
-    ) -> PerceiverClassifierOutput | tuple:
-        """`interpolate_pos_encoding`: resize learned positions to images of another size than configured."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if pixel_values is None:
-            raise ValueError("pixel_values is required")
-        encoded = self.perceiver(
-            pixel_values=pixel_values,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-        )
-        return self._classify(encoded, labels, output_attentions, return_dict)
