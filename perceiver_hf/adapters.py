@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .position_encoding import FourierPositionEncoding, LearnedPositionEncoding
+
+if TYPE_CHECKING:
+    from .configuration_perceiver import PerceiverConfig
 
 __all__ = [
     "InputAdapter",
@@ -62,6 +66,11 @@ class InputAdapter(nn.Module):
     def __init__(self, num_input_channels: int) -> None:
         super().__init__()
         self.num_input_channels = num_input_channels
+
+    @classmethod
+    def from_config(cls, config: PerceiverConfig) -> InputAdapter:
+        """The adapter that `config` describes (its settings are `config.input_adapter_config`)."""
+        raise NotImplementedError(f"{cls.__name__} is not built from a PerceiverConfig")
 
 
 def move_channels_last(data: torch.Tensor, num_channels: int) -> torch.Tensor | None:
@@ -107,6 +116,10 @@ class TextInputAdapter(InputAdapter):
         super().__init__(num_input_channels)
         self.token_embedding = nn.Embedding(vocab_size, num_input_channels)
         self.position_embedding = LearnedPositionEncoding(max_seq_len, num_input_channels)
+
+    @classmethod
+    def from_config(cls, config: PerceiverConfig) -> TextInputAdapter:
+        return cls(config.vocab_size, config.max_position_embeddings, config.d_model)
 
     @property
     def vocab_size(self) -> int:
@@ -380,6 +393,22 @@ class ImageInputAdapter(InputAdapter):
         self.position_encoding = encoding
         if position_projection is not None:
             self.position_projection = position_projection
+
+    @classmethod
+    def from_config(cls, config: PerceiverConfig) -> ImageInputAdapter:
+        height, width = config.image_size
+        return cls(
+            image_shape=(height, width, config.num_channels),
+            num_frequency_bands=config.num_frequency_bands,
+            max_frequencies=None if config.max_frequency is None else (config.max_frequency,) * 2,
+            position_encoding=config.image_position_encoding,
+            preprocessing=config.image_preprocessing,
+            spatial_downsample=config.spatial_downsample,
+            num_projection_channels=config.image_projection_channels,
+            num_position_channels=config.image_position_channels or DEFAULT_LEARNED_POSITION_CHANNELS,
+            num_position_projection_channels=config.image_position_projection_channels,
+            conv_padding=config.image_conv_padding,
+        )
 
     def to_channels_last(self, images: torch.Tensor) -> torch.Tensor:
         """`(B, H, W, C)` or `(B, C, H, W)` -> `(B, H, W, C)`."""

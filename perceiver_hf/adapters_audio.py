@@ -12,6 +12,7 @@ batch's longest clip changes).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ from torch import nn
 
 from .adapters import InputAdapter, _require_positive_int, _require_positive_ints, concat_positions
 from .position_encoding import FourierPositionEncoding
+
+if TYPE_CHECKING:
+    from .configuration_perceiver import PerceiverConfig
 
 __all__ = ["AudioInputAdapter", "patch_mask", "patch_features", "log_power_spectrum", "AUDIO_PREPROCESSINGS"]
 
@@ -133,6 +137,18 @@ class AudioInputAdapter(InputAdapter):
         # Registered only when used, so the raw-patch variant has no extra state-dict entries.
         if num_projection_channels is not None:
             self.projection = nn.Linear(num_patch_features, num_projection_channels)
+
+    @classmethod
+    def from_config(cls, config: PerceiverConfig) -> AudioInputAdapter:
+        return cls(
+            max_samples=config.max_audio_samples,
+            patch_size=config.audio_patch_size,
+            num_audio_channels=config.num_audio_channels,
+            num_frequency_bands=config.num_frequency_bands,
+            max_frequency=config.max_frequency,
+            num_projection_channels=config.audio_projection_channels,
+            preprocessing=config.audio_preprocessing,
+        )
 
     def to_batch_time_channels(self, waveform: torch.Tensor) -> torch.Tensor:
         """`(B, T)` (mono) or channels-last `(B, T, A)` -> `(B, T, A)`, with clear errors for other shapes."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ from torch import nn
 from .adapters import InputAdapter, move_channels_last
 from .adapters_audio import patch_features
 from .position_encoding import FourierPositionEncoding
+
+if TYPE_CHECKING:
+    from .configuration_perceiver import PerceiverConfig
 
 __all__ = [
     "ModalitySpec",
@@ -384,6 +387,10 @@ class MultimodalInputAdapter(InputAdapter):
         if self.modality_embedding is not None:
             for embedding in self.modality_embedding.values():
                 nn.init.normal_(embedding.weight, std=0.02)
+
+    @classmethod
+    def from_config(cls, config: PerceiverConfig) -> MultimodalInputAdapter:
+        return cls(config.modalities, num_layers=config.num_cross_attention_layers)
 
     @property
     def modality_names(self) -> list[str]:

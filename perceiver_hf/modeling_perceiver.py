@@ -28,7 +28,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .adapters import (
-    DEFAULT_LEARNED_POSITION_CHANNELS,
     ClassificationOutputAdapter,
     ImageInputAdapter,
     InputAdapter,
@@ -712,50 +711,14 @@ def _cross_attentions(encoded: BaseModelOutputWithCrossAttentions, decoded: Perc
 # ---------------------------------------------------------------------------------------------------
 
 
-def _text_adapter(config: PerceiverConfig) -> TextInputAdapter:
-    return TextInputAdapter(config.vocab_size, config.max_position_embeddings, config.d_model)
-
-
-def _image_adapter(config: PerceiverConfig) -> ImageInputAdapter:
-    height, width = config.image_size
-    return ImageInputAdapter(
-        image_shape=(height, width, config.num_channels),
-        num_frequency_bands=config.num_frequency_bands,
-        max_frequencies=None if config.max_frequency is None else (config.max_frequency,) * 2,
-        position_encoding=config.image_position_encoding,
-        preprocessing=config.image_preprocessing,
-        spatial_downsample=config.spatial_downsample,
-        num_projection_channels=config.image_projection_channels,
-        num_position_channels=config.image_position_channels or DEFAULT_LEARNED_POSITION_CHANNELS,
-        num_position_projection_channels=config.image_position_projection_channels,
-        conv_padding=config.image_conv_padding,
-    )
-
-
-def _audio_adapter(config: PerceiverConfig) -> AudioInputAdapter:
-    return AudioInputAdapter(
-        max_samples=config.max_audio_samples,
-        patch_size=config.audio_patch_size,
-        num_audio_channels=config.num_audio_channels,
-        num_frequency_bands=config.num_frequency_bands,
-        max_frequency=config.max_frequency,
-        num_projection_channels=config.audio_projection_channels,
-        preprocessing=config.audio_preprocessing,
-    )
-
-
-def _multimodal_adapter(config: PerceiverConfig) -> MultimodalInputAdapter:
-    return MultimodalInputAdapter(config.modalities, num_layers=config.num_cross_attention_layers)
-
-
-# `config.input_adapter` -> a function building that adapter from the config (its settings are
+# `config.input_adapter` -> the adapter class, built by its `from_config` (its settings and their defaults are
 # `INPUT_ADAPTER_SETTINGS[name]` in configuration_perceiver.py). A new modality is an adapter class, one entry here
 # and one there; "none" takes adapted inputs (`inputs_embeds`) and has no adapter.
-INPUT_ADAPTER_CLASSES = {
-    "text": _text_adapter,
-    "image": _image_adapter,
-    "audio": _audio_adapter,
-    "multimodal": _multimodal_adapter,
+INPUT_ADAPTER_CLASSES: dict[str, type[InputAdapter]] = {
+    "text": TextInputAdapter,
+    "image": ImageInputAdapter,
+    "audio": AudioInputAdapter,
+    "multimodal": MultimodalInputAdapter,
 }
 
 
@@ -763,7 +726,7 @@ def input_adapter_from_config(config: PerceiverConfig) -> InputAdapter | None:
     """Build the input adapter that `config.input_adapter` names (`None` for "none")."""
     if config.input_adapter == "none":
         return None
-    return INPUT_ADAPTER_CLASSES[config.input_adapter](config)
+    return INPUT_ADAPTER_CLASSES[config.input_adapter].from_config(config)
 
 
 # Release 0.1.0 stored the encoder's layers as `cross_attention_1` / `cross_attention_n` and `self_attention_1.j` /
