@@ -22,6 +22,7 @@ from transformers.utils import logging as transformers_logging
 
 from .adapters import (
     ClassificationOutputAdapter,
+    ConvDownsample,
     ImageInputAdapter,
     InputAdapter,
     OutputAdapter,
@@ -129,6 +130,7 @@ __all__ = [
     "OutputAdapter",
     "TextInputAdapter",
     "ImageInputAdapter",
+    "ConvDownsample",
     "AudioInputAdapter",
     "MultimodalInputAdapter",
     "ModalitySpec",

@@ -158,7 +158,11 @@ def _encoder_config_and_mapping(hf_model: nn.Module, state: dict[str, torch.Tens
     return fields | {"_num_input_channels": num_input_channels}, mapping
 
 
-def _decoder_fields(layer_prefix: str, state: dict[str, torch.Tensor], num_heads: int, residual: bool) -> dict:
+def _decoder_fields(decoder_prefix: str, decoder: nn.Module, state: dict[str, torch.Tensor]) -> dict:
+    """The decoder fields of transformers' decoder module `decoder` (at `decoder_prefix` in `state`)."""
+    layer = decoder.decoding_cross_attention.attention
+    num_heads, residual = layer.self.num_heads, layer.use_query_residual
+    layer_prefix = f"{decoder_prefix}.decoding_cross_attention"
     qk, v = _attention_widths(layer_prefix, state)
     hidden, width = state[f"{layer_prefix}.mlp.dense1.weight"].shape
     widening = hidden // width
@@ -178,13 +182,7 @@ def _convert_masked_lm(hf_model: nn.Module):
     c = hf_model.config
     fields, mapping = _encoder_config_and_mapping(hf_model, state)
     fields.pop("_num_input_channels")
-    decoder = hf_model.perceiver.decoder
-    fields |= _decoder_fields(
-        "perceiver.decoder.decoding_cross_attention",
-        state,
-        num_heads=decoder.decoding_cross_attention.attention.self.num_heads,
-        residual=decoder.decoding_cross_attention.attention.use_query_residual,
-    )
+    fields |= _decoder_fields("perceiver.decoder", hf_model.perceiver.decoder, state)
     config = PerceiverConfig(
         input_adapter="text",
         vocab_size=c.vocab_size,
@@ -305,20 +303,14 @@ def _convert_image_classifier(hf_model: nn.Module):
     fields, mapping = _encoder_config_and_mapping(hf_model, state)
     fields.pop("_num_input_channels")
     image_fields, image_mapping = _image_adapter_fields_and_mapping(hf_model, state)
-    decoder = hf_model.perceiver.decoder.decoder
-    fields |= _decoder_fields(
-        "perceiver.decoder.decoder.decoding_cross_attention",
-        state,
-        num_heads=decoder.decoding_cross_attention.attention.self.num_heads,
-        residual=decoder.decoding_cross_attention.attention.use_query_residual,
-    )
+    fields |= _decoder_fields("perceiver.decoder.decoder", hf_model.perceiver.decoder.decoder, state)
     config = PerceiverConfig(
         input_adapter="image",
         num_labels=c.num_labels,
         id2label=dict(c.id2label),
         label2id=dict(c.label2id),
         num_output_queries=1,
-        d_output_queries=decoder.num_channels,
+        d_output_queries=hf_model.perceiver.decoder.decoder.num_channels,
         **image_fields,
         **fields,
     )

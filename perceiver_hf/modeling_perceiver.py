@@ -106,41 +106,28 @@ def eager_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float,
     dropout: float = 0.0,
+    inverted: bool = False,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention with an explicit softmax, in transformers' attention-interface form.
 
     `query` `(B, H, Nq, Dk)`, `key` `(B, H, Nkv, Dk)`, `value` `(B, H, Nkv, Dv)`; `attention_mask` boolean,
-    broadcastable to `(B, H, Nq, Nkv)`, True where a query may attend. Returns the output `(B, Nq, H, Dv)` and
-    the attention weights `(B, H, Nq, Nkv)`.
+    broadcastable to `(B, H, Nq, Nkv)`, True where a query may attend. `inverted`: lucidrains' inverted attention
+    (after slot attention): the softmax runs over the queries, so that the latents compete for each input, then
+    each query's weights are renormalised to sum to 1. Returns the output `(B, Nq, H, Dv)` and the attention
+    weights `(B, H, Nq, Nkv)`.
     """
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, Nq, Nkv)
-    if attention_mask is not None:
-        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    # Softmax in fp32 keeps half-precision runs stable.
-    weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(F.dropout(weights, p=dropout, training=module.training), value)  # (B, H, Nq, Dv)
-    return out.transpose(1, 2), weights
-
-
-def inverted_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverted attention (lucidrains' `inverted_cross_attn`, after slot attention), in the same form as
-    `eager_attention_forward`: the softmax runs over the queries, so that the latents compete for each input, then
-    each query's weights are renormalised to sum to 1."""
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, Nq, Nkv)
-    weights = scores.softmax(dim=-2, dtype=torch.float32).to(query.dtype)
-    if attention_mask is not None:
-        weights = weights.masked_fill(~attention_mask, 0.0)
-    weights = F.normalize(weights, p=1, dim=-1, eps=1e-8)
+    if inverted:
+        # Softmax in fp32 keeps half-precision runs stable (both branches).
+        weights = scores.softmax(dim=-2, dtype=torch.float32).to(query.dtype)
+        if attention_mask is not None:
+            weights = weights.masked_fill(~attention_mask, 0.0)
+        weights = F.normalize(weights, p=1, dim=-1, eps=1e-8)
+    else:
+        if attention_mask is not None:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
     out = torch.matmul(F.dropout(weights, p=dropout, training=module.training), value)  # (B, H, Nq, Dv)
     return out.transpose(1, 2), weights
 
@@ -223,7 +210,7 @@ class PerceiverAttention(nn.Module):
             attention_mask: `(B, Nkv)`, 1 (or True) for positions to attend to, 0 for padding.
             output_attentions: also return the attention weights `(B, H, Nq, Nkv)` (computed eagerly).
             kv: keys and values from `project_kv(x_kv)`, to reuse them across calls.
-            inverted: inverted attention (`inverted_attention_forward`) instead of the usual softmax over keys.
+            inverted: inverted attention (see `eager_attention_forward`) instead of the softmax over keys.
 
         Returns:
             `(output (B, Nq, out_channels), attention weights or None)`.
@@ -241,8 +228,8 @@ class PerceiverAttention(nn.Module):
         # translators) has no implementation set and takes SDPA.
         implementation = "eager" if output_attentions else self.config._attn_implementation or "sdpa"
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        if inverted:
-            attention = inverted_attention_forward
+        if inverted:  # only the eager function has inverted attention
+            attention = partial(eager_attention_forward, inverted=True)
         out, weights = attention(
             self,
             q,
