@@ -277,6 +277,11 @@ class PerceiverForMultimodalClassification(PerceiverPreTrainedModel):
         )
         latents = encoded.last_hidden_state  # (B, L, D)
         pooled = self.pool(latents)
+        cross_attentions = encoded.cross_attentions
+        if output_attentions and self.pooler is not None:
+            # The pooling decoder's weights too, as the other heads return their decoder's (computed again on this
+            # request only, so that `pool` stays a plain latents -> features method for subclasses).
+            cross_attentions += (self.pooler(latents, output_attentions=True).cross_attentions,)
         task_logits = None if self.config.pooling == "none" else self.classify(pooled)
         logits = None
         if task_logits is not None:
@@ -292,7 +297,7 @@ class PerceiverForMultimodalClassification(PerceiverPreTrainedModel):
             pooled=pooled,
             hidden_states=encoded.hidden_states,
             attentions=encoded.attentions,
-            cross_attentions=encoded.cross_attentions,
+            cross_attentions=cross_attentions,
         )
         return output if return_dict else output.to_tuple()
 

@@ -533,7 +533,7 @@ def test_encoder_padding_invariance() -> None:
     )
 
 
-@pytest.mark.parametrize("spec", TEXT_HEAD_SPECS, ids=spec_ids(TEXT_HEAD_SPECS))
+@pytest.mark.parametrize("spec", HEAD_SPECS, ids=spec_ids(HEAD_SPECS))
 def test_output_attentions(spec: HeadSpec) -> None:
     model = spec.build()
     config = model.config
@@ -545,6 +545,21 @@ def test_output_attentions(spec: HeadSpec) -> None:
     for weights in outputs.attentions:
         assert weights.shape == (2, config.num_self_attention_heads, config.num_latents, config.num_latents)
         torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+    # Cross-attention weights: the encoder's (latents -> inputs), then the decoder's (queries -> latents) for the
+    # heads that have a decoder; each a distribution over what it attends to.
+    cross = outputs.cross_attentions
+    assert cross is not None and len(cross) >= config.num_cross_attention_layers
+    encoder_cross = cross[: config.num_cross_attention_layers]
+    for weights in encoder_cross:
+        assert weights.shape[:3] == (2, config.num_cross_attention_heads, config.num_latents)
+    for weights in cross:
+        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+    has_decoder = any(isinstance(m, PerceiverDecoder) for m in model.modules())
+    assert len(cross) == config.num_cross_attention_layers + has_decoder
+    if has_decoder:
+        assert cross[-1].shape[0] == 2 and cross[-1].shape[-1] == config.num_latents
+    with torch.no_grad():
+        assert model(**inputs).cross_attentions is None  # only on request
 
 
 def test_encoder_cross_attention_weights_skip_padding() -> None:
@@ -775,3 +790,28 @@ def test_resize_position_embeddings_needs_a_text_model() -> None:
     model = PerceiverForImageClassification(tiny_image_config())
     with pytest.raises(ValueError, match="only text models .* input_adapter is 'image'"):
         model.resize_position_embeddings(8)
+
+
+def test_perceiver_model_takes_every_processors_output() -> None:
+    """`PerceiverModel` takes what each processor returns, by its name, and adapted inputs for "none"."""
+    from perceiver_tester import audio_batch, multimodal_batch, tiny_audio_config, tiny_multimodal_config
+
+    audio = PerceiverModel(tiny_audio_config()).eval()
+    batch = audio_batch(audio.config, lengths=[10, 6])
+    assert audio(**batch).last_hidden_state.shape == (2, audio.config.num_latents, audio.config.d_latents)
+
+    multimodal = PerceiverModel(tiny_multimodal_config()).eval()
+    batch = multimodal_batch(multimodal.config, [6, 4])
+    data = {name: batch[name] for name in multimodal.input_adapter.modality_names}
+    assert multimodal(inputs=data).last_hidden_state.shape[0] == 2
+
+    adapted = PerceiverModel(block_config()).eval()
+    assert adapted.input_adapter is None
+    assert adapted(inputs_embeds=torch.randn(2, 9, 12)).last_hidden_state.shape == (2, 5, 16)
+    with pytest.raises(ValueError, match="input_adapter is 'none': it takes inputs_embeds"):
+        adapted(input_ids=torch.randint(0, 5, (2, 9)))
+    text = PerceiverModel(tiny_text_config()).eval()
+    with pytest.raises(ValueError, match="input_adapter is 'text': it takes raw inputs, not inputs_embeds"):
+        text(inputs_embeds=torch.randn(2, 9, 16))
+    with pytest.raises(ValueError, match="pass exactly one of"):
+        text(input_ids=torch.randint(0, 5, (2, 9)), pixel_values=torch.randn(2, 3, 4, 4))
