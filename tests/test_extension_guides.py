@@ -1,4 +1,5 @@
-"""The extension guides run as written: `docs/adding_a_head.md` and `docs/adding_a_modality.md`.
+"""The extension guides run as written: `docs/adding_a_head.md` and `docs/adding_a_modality.md` (and the examples of
+`docs/configuration.md`).
 
 Each guide's ```python blocks run in order. A block that starts with `# tests/perceiver_tester.py` (the guide's
 `HeadSpec`) runs in a copy of the tester's namespace, with an empty `HEAD_SPECS` to collect it; the others are
@@ -128,6 +129,7 @@ def run_shared_tester(spec: HeadSpec, directory: Path) -> None:
 def test_adding_a_head_guide_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the guide saves to a relative folder
     extra_models = AutoModelForTokenClassification._model_mapping._extra_content
+    before = dict(extra_models)
     with restored(extra_models, PerceiverConfig), restored(sys.modules, "guide_adding_a_head"):
         module, (spec,) = run_guide("adding_a_head.md", tmp_path)
         head = module.PerceiverForTokenClassification
@@ -143,11 +145,12 @@ def test_adding_a_head_guide_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert spec.output_shape(spec.make_config(), 2, 9) == (2, 9, perceiver_tester.NUM_LABELS)
         train_save_reload(spec, tmp_path / "trained")
         run_shared_tester(spec, tmp_path / "round_trip")
-    assert PerceiverConfig not in extra_models or extra_models[PerceiverConfig] is not head
+    assert extra_models == before
 
 
 def test_adding_a_modality_guide_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    settings_before, classes_before = dict(INPUT_ADAPTER_SETTINGS), dict(INPUT_ADAPTER_CLASSES)
     with ExitStack() as stack:
         stack.enter_context(restored(INPUT_ADAPTER_SETTINGS, "points"))
         stack.enter_context(restored(INPUT_ADAPTER_CLASSES, "points"))
@@ -172,4 +175,11 @@ def test_adding_a_modality_guide_runs(tmp_path: Path, monkeypatch: pytest.Monkey
         assert config.num_point_channels == 4 and "num_point_channels" not in config.to_dict()
         train_save_reload(spec, tmp_path / "trained")
         run_shared_tester(spec, tmp_path / "round_trip")
-    assert "points" not in INPUT_ADAPTER_SETTINGS and "points" not in INPUT_ADAPTER_CLASSES
+    assert settings_before == INPUT_ADAPTER_SETTINGS and classes_before == INPUT_ADAPTER_CLASSES
+
+
+def test_configuration_guide_runs() -> None:
+    """The examples of `docs/configuration.md` (adapter settings, the weight-sharing patterns) hold."""
+    namespace: dict = {}
+    for block in python_blocks("configuration.md"):
+        exec(compile(block, "docs/configuration.md", "exec"), namespace)
