@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +41,23 @@ __all__ = [
 ]
 
 
-def _require_positive_int(name: str, value: object) -> None:
-    """Raise a `ValueError` unless `value` is an integer >= 1: a size of 0 or less would otherwise build empty
-    layers that fail (or silently return nothing) only when data flows through them."""
+def _require_positive_int(name: str, value: object, optional: bool = False) -> None:
+    """Raise a `ValueError` unless `value` is an integer >= 1 (or `None` when `optional`): a size of 0 or less would
+    otherwise build empty layers that fail (or silently return nothing) only when data flows through them."""
+    if optional and value is None:
+        return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} ({value!r}) must be a positive integer")
+
+
+def _require_choice(name: str, value: object, allowed: Sequence[object]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} ({value!r}) must be one of {list(allowed)}")
+
+
+def _require_max_frequency(value: object) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"max_frequency ({value!r}) must be positive or None")
 
 
 def _require_positive_ints(**values: object) -> None:
@@ -62,6 +74,9 @@ class InputAdapter(nn.Module):
     """
 
     adapts_attention_mask = False
+    # The adapter's settings in `PerceiverConfig.input_adapter_config` and their defaults (plain JSON values), for
+    # adapters that are built from a config (`from_config`).
+    config_settings: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, num_input_channels: int) -> None:
         super().__init__()
@@ -71,6 +86,11 @@ class InputAdapter(nn.Module):
     def from_config(cls, config: PerceiverConfig) -> InputAdapter:
         """The adapter that `config` describes (its settings are `config.input_adapter_config`)."""
         raise NotImplementedError(f"{cls.__name__} is not built from a PerceiverConfig")
+
+    @classmethod
+    def validate_config(cls, config: PerceiverConfig) -> None:
+        """Raise a `ValueError` naming the first of this adapter's settings in `config` that it cannot take
+        (`PerceiverConfig` calls this when it validates itself)."""
 
 
 def move_channels_last(data: torch.Tensor, num_channels: int) -> torch.Tensor | None:
@@ -117,9 +137,16 @@ class TextInputAdapter(InputAdapter):
         self.token_embedding = nn.Embedding(vocab_size, num_input_channels)
         self.position_embedding = LearnedPositionEncoding(max_seq_len, num_input_channels)
 
+    config_settings = {"vocab_size": 10000, "max_position_embeddings": 512, "d_model": 256}
+
     @classmethod
     def from_config(cls, config: PerceiverConfig) -> TextInputAdapter:
         return cls(config.vocab_size, config.max_position_embeddings, config.d_model)
+
+    @classmethod
+    def validate_config(cls, config: PerceiverConfig) -> None:
+        for name in cls.config_settings:
+            _require_positive_int(name, getattr(config, name))
 
     @property
     def vocab_size(self) -> int:
@@ -158,6 +185,7 @@ class TextInputAdapter(InputAdapter):
 
 IMAGE_PREPROCESSINGS = ("pixels", "conv", "patches")
 CONV_PADDINGS = ("same", "transformers")
+POSITION_ENCODINGS = ("fourier", "learned")
 # Width of learned image position embeddings when none is configured: that of 64-band Fourier features of 2 axes.
 DEFAULT_LEARNED_POSITION_CHANNELS = 258
 
@@ -393,6 +421,53 @@ class ImageInputAdapter(InputAdapter):
         self.position_encoding = encoding
         if position_projection is not None:
             self.position_projection = position_projection
+
+    config_settings = {
+        "image_size": [224, 224],
+        "num_channels": 3,
+        "num_frequency_bands": 64,
+        "max_frequency": None,
+        "image_position_encoding": "fourier",
+        "image_preprocessing": "pixels",
+        "spatial_downsample": None,
+        "image_projection_channels": None,
+        "image_position_channels": None,
+        "image_position_projection_channels": None,
+        "image_conv_padding": "same",
+    }
+
+    @classmethod
+    def validate_config(cls, config: PerceiverConfig) -> None:
+        _require_choice("image_position_encoding", config.image_position_encoding, POSITION_ENCODINGS)
+        _require_choice("image_preprocessing", config.image_preprocessing, IMAGE_PREPROCESSINGS)
+        _require_choice("image_conv_padding", config.image_conv_padding, CONV_PADDINGS)
+        _require_positive_ints(num_channels=config.num_channels, num_frequency_bands=config.num_frequency_bands)
+        for name in (
+            "spatial_downsample", "image_projection_channels", "image_position_channels",
+            "image_position_projection_channels",
+        ):  # fmt: skip
+            _require_positive_int(name, getattr(config, name), optional=True)
+        _require_max_frequency(config.max_frequency)
+        image_size = config.image_size
+        if len(image_size) != 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in image_size):
+            raise ValueError(f"image_size ({image_size!r}) must be two positive integers (height, width)")
+        downsample = config.spatial_downsample
+        is_power_of_4 = downsample is not None and downsample >= 4 and 4 ** round(math.log(downsample, 4)) == downsample
+        if config.image_preprocessing == "conv" and downsample is not None and not is_power_of_4:
+            raise ValueError(
+                f"spatial_downsample ({downsample}) must be a power of 4 (4, 16, ...) for image_preprocessing='conv'"
+            )
+        if config.image_position_channels is not None and config.image_position_encoding != "learned":
+            raise ValueError(
+                f"image_position_channels ({config.image_position_channels}) sets the width of learned position "
+                f"embeddings: it needs image_position_encoding='learned', not {config.image_position_encoding!r} "
+                "(Fourier features have 2 * (2 * num_frequency_bands + 1) channels)"
+            )
+        if config.image_preprocessing == "patches" and any(size % (downsample or 4) for size in image_size):
+            raise ValueError(
+                f"image_size ({image_size}) must be divisible by spatial_downsample ({downsample or 4}) for "
+                "image_preprocessing='patches'"
+            )
 
     @classmethod
     def from_config(cls, config: PerceiverConfig) -> ImageInputAdapter:

@@ -18,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import InputAdapter, _require_positive_int, _require_positive_ints, concat_positions
+from .adapters import (
+    InputAdapter,
+    _require_choice,
+    _require_max_frequency,
+    _require_positive_int,
+    _require_positive_ints,
+    concat_positions,
+)
 from .position_encoding import FourierPositionEncoding
 
 if TYPE_CHECKING:
@@ -137,6 +144,32 @@ class AudioInputAdapter(InputAdapter):
         # Registered only when used, so the raw-patch variant has no extra state-dict entries.
         if num_projection_channels is not None:
             self.projection = nn.Linear(num_patch_features, num_projection_channels)
+
+    config_settings = {
+        "max_audio_samples": 16000,
+        "audio_patch_size": 1,
+        "num_audio_channels": 1,
+        "num_frequency_bands": 64,
+        "max_frequency": None,
+        "audio_projection_channels": None,
+        "audio_preprocessing": "samples",
+        "sampling_rate": 16000,
+    }
+
+    @classmethod
+    def validate_config(cls, config: PerceiverConfig) -> None:
+        _require_choice("audio_preprocessing", config.audio_preprocessing, AUDIO_PREPROCESSINGS)
+        for name in (
+            "max_audio_samples", "audio_patch_size", "num_audio_channels", "num_frequency_bands", "sampling_rate"
+        ):  # fmt: skip
+            _require_positive_int(name, getattr(config, name))
+        _require_positive_int("audio_projection_channels", config.audio_projection_channels, optional=True)
+        _require_max_frequency(config.max_frequency)
+        if config.audio_patch_size > config.max_audio_samples:
+            raise ValueError(
+                f"audio_patch_size ({config.audio_patch_size}) must not exceed max_audio_samples "
+                f"({config.max_audio_samples})"
+            )
 
     @classmethod
     def from_config(cls, config: PerceiverConfig) -> AudioInputAdapter:

@@ -388,6 +388,15 @@ class MultimodalInputAdapter(InputAdapter):
             for embedding in self.modality_embedding.values():
                 nn.init.normal_(embedding.weight, std=0.02)
 
+    config_settings = {"modalities": None}
+
+    @classmethod
+    def validate_config(cls, config: PerceiverConfig) -> None:
+        if not config.modalities:
+            raise ValueError(f"input_adapter='multimodal' needs a non-empty modalities list, got {config.modalities!r}")
+        # Checks every entry (names, sizes, text options) and that split text fits the cross-attention layers.
+        validate_modalities(config.modalities, num_cross_attention_layers=config.num_cross_attention_layers)
+
     @classmethod
     def from_config(cls, config: PerceiverConfig) -> MultimodalInputAdapter:
         return cls(config.modalities, num_layers=config.num_cross_attention_layers)

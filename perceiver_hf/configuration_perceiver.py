@@ -10,63 +10,53 @@ Configs saved by release 0.1.0 were flat (every adapter's fields at the top leve
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 from transformers import PretrainedConfig
 
-from .adapters_multimodal import validate_modalities
+from .adapters import ImageInputAdapter, InputAdapter, TextInputAdapter, _require_choice, _require_positive_int
+from .adapters_audio import AudioInputAdapter
+from .adapters_multimodal import MultimodalInputAdapter
 
 __all__ = [
     "PerceiverConfig",
-    "INPUT_ADAPTER_SETTINGS",
+    "INPUT_ADAPTERS",
+    "input_adapter_settings",
     "HIDDEN_ACTIVATIONS",
     "ATTN_IMPLEMENTATIONS",
     "POOLINGS",
     "default_weight_sharing",
 ]
 
-# Each input adapter's own settings and their defaults. A config holds the settings of its adapter only, under
-# `input_adapter_config`; `config.<setting>` reads and writes them there.
-INPUT_ADAPTER_SETTINGS: dict[str, dict[str, Any]] = {
-    # Adapted inputs `(B, N, num_input_channels)` given directly (`inputs_embeds`): the older APIs' translators
-    # compute their own input features and run this package's encoder on them.
-    "none": {"num_input_channels": 256},
-    "text": {"vocab_size": 10000, "max_position_embeddings": 512, "d_model": 256},
-    "image": {
-        "image_size": [224, 224],
-        "num_channels": 3,
-        "num_frequency_bands": 64,
-        "max_frequency": None,
-        "image_position_encoding": "fourier",
-        "image_preprocessing": "pixels",
-        "spatial_downsample": None,
-        "image_projection_channels": None,
-        "image_position_channels": None,
-        "image_position_projection_channels": None,
-        "image_conv_padding": "same",
-    },
-    "audio": {
-        "max_audio_samples": 16000,
-        "audio_patch_size": 1,
-        "num_audio_channels": 1,
-        "num_frequency_bands": 64,
-        "max_frequency": None,
-        "audio_projection_channels": None,
-        "audio_preprocessing": "samples",
-        "sampling_rate": 16000,
-    },
-    "multimodal": {"modalities": None},
+# `config.input_adapter` -> its adapter class: the one registry of input adapters. Each class declares its settings
+# and their defaults (`config_settings`), checks them (`validate_config`) and builds itself (`from_config`); a new
+# modality is a new class and one entry here. A config holds the settings of its adapter only, under
+# `input_adapter_config`; `config.<setting>` reads and writes them there. "none" has no adapter: the encoder takes
+# adapted inputs `(B, N, num_input_channels)` directly (`inputs_embeds`), as the older APIs' translators give it.
+INPUT_ADAPTERS: dict[str, type[InputAdapter] | None] = {
+    "none": None,
+    "text": TextInputAdapter,
+    "image": ImageInputAdapter,
+    "audio": AudioInputAdapter,
+    "multimodal": MultimodalInputAdapter,
 }
-_ALL_ADAPTER_SETTINGS = frozenset(name for settings in INPUT_ADAPTER_SETTINGS.values() for name in settings)
+_NO_ADAPTER_SETTINGS = {"num_input_channels": 256}
+
+
+def input_adapter_settings(input_adapter: str) -> dict[str, Any]:
+    """The settings of the input adapter named `input_adapter` and their defaults."""
+    adapter_class = INPUT_ADAPTERS[input_adapter]
+    return _NO_ADAPTER_SETTINGS if adapter_class is None else adapter_class.config_settings
+
+
+def _all_adapter_settings() -> set[str]:
+    return {name for input_adapter in INPUT_ADAPTERS for name in input_adapter_settings(input_adapter)}
+
+
 HIDDEN_ACTIVATIONS = ("gelu", "geglu")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-IMAGE_POSITION_ENCODINGS = ("fourier", "learned")
-IMAGE_PREPROCESSINGS = ("pixels", "conv", "patches")
-IMAGE_CONV_PADDINGS = ("same", "transformers")
 # transformers' loss choices for classification heads (None: inferred from num_labels and the labels' dtype).
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
-AUDIO_PREPROCESSINGS = ("samples", "spectrogram")
 # Multimodal classification: how the latents become the task heads' inputs (see PerceiverForMultimodalClassification).
 POOLINGS = ("decoder", "mean", "latents", "none")
 
@@ -307,13 +297,13 @@ class PerceiverConfig(PretrainedConfig):
     ) -> None:
         # The adapter's settings may also be given as flat keywords (`PerceiverConfig(vocab_size=...)`, as in
         # release 0.1.0); an explicit `input_adapter_config` wins. Another adapter's setting is a mistake.
-        flat_settings = {name: kwargs.pop(name) for name in list(kwargs) if name in _ALL_ADAPTER_SETTINGS}
-        if input_adapter not in INPUT_ADAPTER_SETTINGS:
-            raise ValueError(f"input_adapter ({input_adapter!r}) must be one of {list(INPUT_ADAPTER_SETTINGS)}")
-        defaults = INPUT_ADAPTER_SETTINGS[input_adapter]
+        all_settings = _all_adapter_settings()
+        flat_settings = {name: kwargs.pop(name) for name in list(kwargs) if name in all_settings}
+        _require_choice("input_adapter", input_adapter, list(INPUT_ADAPTERS))
+        defaults = input_adapter_settings(input_adapter)
         for name, value in flat_settings.items():
             if name not in defaults:
-                owners = [kind for kind, settings in INPUT_ADAPTER_SETTINGS.items() if name in settings]
+                owners = [kind for kind in INPUT_ADAPTERS if name in input_adapter_settings(kind)]
                 raise ValueError(
                     f"{name} ({value!r}) is a setting of input_adapter {' / '.join(map(repr, owners))}, not of "
                     f"input_adapter={input_adapter!r}; its settings are {sorted(defaults)}"
@@ -393,9 +383,10 @@ class PerceiverConfig(PretrainedConfig):
         are dropped (they never shaped the model)."""
         if "input_adapter_config" not in config_dict:
             config_dict = dict(config_dict)
-            own = INPUT_ADAPTER_SETTINGS.get(config_dict.get("input_adapter", "text"), {})
+            input_adapter = config_dict.get("input_adapter", "text")
+            own = input_adapter_settings(input_adapter) if input_adapter in INPUT_ADAPTERS else {}
             config_dict["input_adapter_config"] = {name: config_dict[name] for name in own if name in config_dict}
-            for name in _ALL_ADAPTER_SETTINGS:
+            for name in _all_adapter_settings():
                 config_dict.pop(name, None)
         return super().from_dict(config_dict, **kwargs)
 
@@ -436,16 +427,10 @@ class PerceiverConfig(PretrainedConfig):
         inconsistent or out-of-range setting. The one place where a config is checked."""
 
         def choice(name: str, allowed: tuple[str, ...]) -> None:
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"{name} ({value!r}) must be one of {list(allowed)}")
+            _require_choice(name, getattr(self, name), allowed)
 
         def positive_int(name: str, optional: bool = False) -> None:
-            value = getattr(self, name)
-            if optional and value is None:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+            _require_positive_int(name, getattr(self, name), optional)
 
         def probability(name: str) -> None:
             value = getattr(self, name)
@@ -472,7 +457,7 @@ class PerceiverConfig(PretrainedConfig):
                     )
                 seen = max(seen, index + 1)
 
-        choice("input_adapter", tuple(INPUT_ADAPTER_SETTINGS))
+        choice("input_adapter", tuple(INPUT_ADAPTERS))
         choice("hidden_act", HIDDEN_ACTIVATIONS)
         choice("pooling", POOLINGS)
         for name in (
@@ -501,7 +486,11 @@ class PerceiverConfig(PretrainedConfig):
                 f"cross_attention_inverted ({self.cross_attention_inverted!r}) must be one True/False per "
                 f"cross-attention layer (num_cross_attention_layers={self.num_cross_attention_layers})"
             )
-        self._validate_input_adapter_settings(choice, positive_int)
+        adapter_class = INPUT_ADAPTERS[self.input_adapter]
+        if adapter_class is None:
+            positive_int("num_input_channels")
+        else:
+            adapter_class.validate_config(self)
         if self.num_cross_attention_layers > self.num_self_attention_blocks:
             raise ValueError(
                 f"num_cross_attention_layers ({self.num_cross_attention_layers}) must not exceed "
@@ -579,66 +568,3 @@ class PerceiverConfig(PretrainedConfig):
                     f"pooling='latents' feeds one latent per task: {len(self.task_num_labels)} tasks "
                     f"(task_num_labels) need at most num_latents ({self.num_latents}) latents"
                 )
-
-    def _validate_input_adapter_settings(self, choice, positive_int) -> None:
-        adapter = self.input_adapter
-        if adapter == "none":
-            positive_int("num_input_channels")
-        elif adapter == "text":
-            for name in ("vocab_size", "max_position_embeddings", "d_model"):
-                positive_int(name)
-        elif adapter == "image":
-            choice("image_position_encoding", IMAGE_POSITION_ENCODINGS)
-            choice("image_preprocessing", IMAGE_PREPROCESSINGS)
-            choice("image_conv_padding", IMAGE_CONV_PADDINGS)
-            positive_int("num_channels")
-            positive_int("num_frequency_bands")
-            for name in (
-                "spatial_downsample", "image_projection_channels", "image_position_channels",
-                "image_position_projection_channels",
-            ):  # fmt: skip
-                positive_int(name, optional=True)
-            if len(self.image_size) != 2 or any(not isinstance(s, int) or s < 1 for s in self.image_size):
-                raise ValueError(f"image_size ({self.image_size!r}) must be two positive integers (height, width)")
-            if self.image_preprocessing == "conv" and self.spatial_downsample is not None:
-                downsample = self.spatial_downsample
-                if downsample < 4 or 4 ** round(math.log(downsample, 4)) != downsample:
-                    raise ValueError(
-                        f"spatial_downsample ({downsample}) must be a power of 4 (4, 16, ...) for "
-                        "image_preprocessing='conv'"
-                    )
-            if self.image_position_channels is not None and self.image_position_encoding != "learned":
-                raise ValueError(
-                    f"image_position_channels ({self.image_position_channels}) sets the width of learned position "
-                    f"embeddings: it needs image_position_encoding='learned', not {self.image_position_encoding!r} "
-                    "(Fourier features have 2 * (2 * num_frequency_bands + 1) channels)"
-                )
-            if self.image_preprocessing == "patches":
-                downsample = self.spatial_downsample or 4
-                if any(size % downsample for size in self.image_size):
-                    raise ValueError(
-                        f"image_size ({self.image_size}) must be divisible by spatial_downsample ({downsample}) for "
-                        "image_preprocessing='patches'"
-                    )
-        elif adapter == "audio":
-            choice("audio_preprocessing", AUDIO_PREPROCESSINGS)
-            for name in (
-                "max_audio_samples", "audio_patch_size", "num_audio_channels", "num_frequency_bands", "sampling_rate"
-            ):  # fmt: skip
-                positive_int(name)
-            positive_int("audio_projection_channels", optional=True)
-            if self.audio_patch_size > self.max_audio_samples:
-                raise ValueError(
-                    f"audio_patch_size ({self.audio_patch_size}) must not exceed max_audio_samples "
-                    f"({self.max_audio_samples})"
-                )
-        elif adapter == "multimodal":
-            if not self.modalities:
-                raise ValueError(
-                    f"input_adapter='multimodal' needs a non-empty modalities list, got {self.modalities!r}"
-                )
-            # Checks every entry (names, sizes, text options) and that split text fits the cross-attention layers.
-            validate_modalities(self.modalities, num_cross_attention_layers=self.num_cross_attention_layers)
-        max_frequency = self.input_adapter_config.get("max_frequency")
-        if max_frequency is not None and not max_frequency > 0:
-            raise ValueError(f"max_frequency ({max_frequency!r}) must be positive or None")

@@ -36,9 +36,7 @@ from .adapters import (
     TextOutputAdapter,
     _require_positive_int,
 )
-from .adapters_audio import AudioInputAdapter
-from .adapters_multimodal import MultimodalInputAdapter
-from .configuration_perceiver import PerceiverConfig
+from .configuration_perceiver import INPUT_ADAPTERS, PerceiverConfig
 from .position_encoding import LearnedPositionEncoding
 
 __all__ = [
@@ -56,7 +54,6 @@ __all__ = [
     "PerceiverForMaskedLM",
     "PerceiverForSequenceClassification",
     "PerceiverForImageClassification",
-    "INPUT_ADAPTER_CLASSES",
     "input_adapter_from_config",
     "eager_attention_forward",
 ]
@@ -698,22 +695,10 @@ def _cross_attentions(encoded: BaseModelOutputWithCrossAttentions, decoded: Perc
 # ---------------------------------------------------------------------------------------------------
 
 
-# `config.input_adapter` -> the adapter class, built by its `from_config` (its settings and their defaults are
-# `INPUT_ADAPTER_SETTINGS[name]` in configuration_perceiver.py). A new modality is an adapter class, one entry here
-# and one there; "none" takes adapted inputs (`inputs_embeds`) and has no adapter.
-INPUT_ADAPTER_CLASSES: dict[str, type[InputAdapter]] = {
-    "text": TextInputAdapter,
-    "image": ImageInputAdapter,
-    "audio": AudioInputAdapter,
-    "multimodal": MultimodalInputAdapter,
-}
-
-
 def input_adapter_from_config(config: PerceiverConfig) -> InputAdapter | None:
-    """Build the input adapter that `config.input_adapter` names (`None` for "none")."""
-    if config.input_adapter == "none":
-        return None
-    return INPUT_ADAPTER_CLASSES[config.input_adapter].from_config(config)
+    """Build the input adapter that `config.input_adapter` names (`None` for "none"; see `INPUT_ADAPTERS`)."""
+    adapter_class = INPUT_ADAPTERS[config.input_adapter]
+    return None if adapter_class is None else adapter_class.from_config(config)
 
 
 # Release 0.1.0 stored the encoder's layers as `cross_attention_1` / `cross_attention_n` and `self_attention_1.j` /
@@ -1106,6 +1091,7 @@ class _PerceiverClassificationModel(PerceiverPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         input_values: torch.Tensor | None = None,
+        inputs: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -1119,12 +1105,14 @@ class _PerceiverClassificationModel(PerceiverPreTrainedModel):
             attention_mask: `(B, N)` (text) or `(B, T)` (audio samples), 1 for real positions, 0 for padding.
             pixel_values: `(B, C, H, W)` or `(B, H, W, C)` images.
             input_values: `(B, T)` mono or `(B, T, A)` waveforms, `T <= config.max_audio_samples`.
+            inputs: the raw inputs of any other input adapter (a head for a new modality sets
+                `main_input_name = "inputs"`).
             labels: `(B,)` class ids (single-label), `(B, num_labels)` multi-hot floats (multi-label), or
                 `(B,)` / `(B, num_labels)` floats (regression).
             interpolate_pos_encoding: images: resize learned positions to images of another size than configured.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        given = {"input_ids": input_ids, "pixel_values": pixel_values, "input_values": input_values}
+        given = {"input_ids": input_ids, "pixel_values": pixel_values, "input_values": input_values, "inputs": inputs}
         if given[self.main_input_name] is None:
             raise ValueError(f"{self.main_input_name} is required")
         others = sorted(name for name, value in given.items() if value is not None and name != self.main_input_name)

@@ -12,7 +12,7 @@ from perceiver_tester import tiny_image_config, tiny_text_config
 from transformers import AutoConfig
 
 from perceiver_hf import PerceiverConfig
-from perceiver_hf.configuration_perceiver import INPUT_ADAPTER_SETTINGS
+from perceiver_hf.configuration_perceiver import INPUT_ADAPTERS, input_adapter_settings
 
 
 def test_defaults_and_tiny_configs_are_valid() -> None:
@@ -147,11 +147,11 @@ def test_config_json_is_plain_readable_json(tmp_path: Path) -> None:
     assert data["model_type"] == "perceiver_io"
     assert data["input_adapter"] == "image"
     assert data["input_adapter_config"]["image_size"] == [6, 5]
-    assert set(data["input_adapter_config"]) == set(INPUT_ADAPTER_SETTINGS["image"])
+    assert set(data["input_adapter_config"]) == set(input_adapter_settings("image"))
     assert data["num_latents"] == 6 and data["d_latents"] == 16
     # Only the image adapter's settings: none of the text, audio or multimodal adapters'.
-    others = {name for kind, settings in INPUT_ADAPTER_SETTINGS.items() if kind != "image" for name in settings}
-    others -= set(INPUT_ADAPTER_SETTINGS["image"])
+    others = {name for kind in INPUT_ADAPTERS if kind != "image" for name in input_adapter_settings(kind)}
+    others -= set(input_adapter_settings("image"))
     assert not others & set(data) and not others & set(data["input_adapter_config"])
     # No opaque blobs: the adapter settings and transformers' own label maps (and auto_map) are the nested objects.
     nested = {key for key, value in data.items() if isinstance(value, dict)}

@@ -28,8 +28,7 @@ from perceiver_tester import HeadSpec
 from transformers import AutoModelForTokenClassification
 
 from perceiver_hf import PerceiverConfig
-from perceiver_hf.configuration_perceiver import INPUT_ADAPTER_SETTINGS
-from perceiver_hf.modeling_perceiver import INPUT_ADAPTER_CLASSES
+from perceiver_hf.configuration_perceiver import INPUT_ADAPTERS
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
@@ -150,10 +149,9 @@ def test_adding_a_head_guide_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_adding_a_modality_guide_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    settings_before, classes_before = dict(INPUT_ADAPTER_SETTINGS), dict(INPUT_ADAPTER_CLASSES)
+    adapters_before = dict(INPUT_ADAPTERS)
     with ExitStack() as stack:
-        stack.enter_context(restored(INPUT_ADAPTER_SETTINGS, "points"))
-        stack.enter_context(restored(INPUT_ADAPTER_CLASSES, "points"))
+        stack.enter_context(restored(INPUT_ADAPTERS, "points"))
         stack.enter_context(restored(sys.modules, "guide_adding_a_modality"))
         module, (spec,) = run_guide("adding_a_modality.md", tmp_path)
 
@@ -172,10 +170,12 @@ def test_adding_a_modality_guide_runs(tmp_path: Path, monkeypatch: pytest.Monkey
         assert adapter(torch.zeros(2, 5, 4)).shape == (2, 5, 4 + 2 * 3 * 3) and adapter.num_input_channels == 22
         with pytest.raises(ValueError, match=r"points must have shape \(batch, points, 4\)"):
             adapter(torch.zeros(2, 5, 3))
+        with pytest.raises(ValueError, match=r"num_coordinates \(5\) must not exceed num_point_channels \(3\)"):
+            PerceiverConfig(input_adapter="points", num_coordinates=5)
         assert config.num_point_channels == 4 and "num_point_channels" not in config.to_dict()
         train_save_reload(spec, tmp_path / "trained")
         run_shared_tester(spec, tmp_path / "round_trip")
-    assert settings_before == INPUT_ADAPTER_SETTINGS and classes_before == INPUT_ADAPTER_CLASSES
+    assert adapters_before == INPUT_ADAPTERS
 
 
 def test_configuration_guide_runs() -> None:
