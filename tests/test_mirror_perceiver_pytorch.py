@@ -119,9 +119,15 @@ def test_weight_tie_layers_ties_as_cache_fn():
     assert PerceiverIO(**TINY_IO, weight_tie_layers=True).encoder.self_attention_keys == [["0_0"] * 3]
 
 
-def test_inverted_attention_cannot_differ_within_tied_layers():
-    with pytest.raises(NotImplementedError, match="inverted_cross_attn"):
-        Perceiver(**TINY, weight_tie_layers=True, inverted_cross_attn=(False, True, False))
+def test_inverted_attention_may_differ_within_tied_layers():
+    # lucidrains passes the flag per call, so layers 2 and 3 (one weight set when tied) may attend differently.
+    model = Perceiver(**TINY, weight_tie_layers=True, inverted_cross_attn=(False, True, False)).eval()
+    assert model.encoder.cross_attention_keys == ["0", "1", "1"]
+    assert model.config.cross_attention_inverted == [False, True, False]
+    img = torch.randn(2, 5, 4, 3)
+    uniform = Perceiver(**TINY, weight_tie_layers=True, inverted_cross_attn=(False, True, True)).eval()
+    uniform.load_state_dict(model.state_dict())
+    assert not torch.allclose(model(img), uniform(img))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -224,7 +230,7 @@ def test_dropout_placement():
     model = Perceiver(**TINY, attn_dropout=0.1, ff_dropout=0.2)
     assert model.config.attention_dropout == 0.1
     for layer in [*model.encoder.cross_attention.values(), *model.encoder.self_attention.values()]:
-        assert layer.dropout.p == 0.0 and layer.mlp.dropout.p == 0.2
+        assert layer.dropout.p == 0.0 and layer.mlp.dropout.p == 0.2 and layer.mlp.hidden_dropout.p == 0.0
     img = torch.randn(2, 5, 4, 3)
     model.eval()
     torch.testing.assert_close(model(img), model(img))

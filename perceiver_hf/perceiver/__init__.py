@@ -15,26 +15,9 @@ padding) are krasserm's. Inside, `PerceiverEncoder` and `PerceiverDecoder` trans
 Accelerate scripts in `examples/` instead.
 """
 
-from .adapter import (
-    ClassificationOutputAdapter,
-    ImageInputAdapter,
-    InputAdapter,
-    OutputAdapter,
-    TextInputAdapter,
-    TextOutputAdapter,
-)
+# As krasserm's `perceiver/__init__.py`: all of `perceiver.adapter`, and the models.
+from . import adapter
+from .adapter import *  # noqa: F403
 from .model import PerceiverDecoder, PerceiverEncoder, PerceiverIO, PerceiverMLM, TextMasking
 
-__all__ = [
-    "InputAdapter",
-    "OutputAdapter",
-    "ImageInputAdapter",
-    "TextInputAdapter",
-    "ClassificationOutputAdapter",
-    "TextOutputAdapter",
-    "PerceiverEncoder",
-    "PerceiverDecoder",
-    "PerceiverIO",
-    "PerceiverMLM",
-    "TextMasking",
-]
+__all__ = [*adapter.__all__, "PerceiverEncoder", "PerceiverDecoder", "PerceiverIO", "PerceiverMLM", "TextMasking"]

@@ -15,6 +15,8 @@ decoders the output adapter's output, plain tensors, so `decoder(encoder(x, pad_
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -226,23 +228,18 @@ class PerceiverMLM(nn.Module):
         return x_logits, x_labels
 
 
-# krasserm's module paths -> the core's. His layers are `Sequential(Residual(attention), Residual(mlp))`, an encoder
-# layer is `Sequential(cross-attention layer, self-attention block)`, and his MLP is `Sequential(LayerNorm, Linear,
+# krasserm's module paths -> the core's. His encoder layer is `Sequential(cross-attention layer, self-attention block)`
+# with `layer_1` its own weights and `layer_n` the set that serves layers 2.. (the core's weight sets 0 and 1); each
+# attention layer is `Sequential(Residual(attention), Residual(mlp))`, and his MLP `Sequential(LayerNorm, Linear,
 # GELU, Linear)`.
-_ORIGINAL_KEY_PATTERNS = [
-    (r"layer_1\.0\.0\.module\.", "cross_attention.0."),
-    (r"layer_n\.0\.0\.module\.", "cross_attention.1."),
-    (r"layer_1\.0\.1\.module\.", "cross_attention.0.mlp."),
-    (r"layer_n\.0\.1\.module\.", "cross_attention.1.mlp."),
-    (r"layer_1\.1\.(\d+)\.0\.module\.", r"self_attention.0_\1."),
-    (r"layer_n\.1\.(\d+)\.0\.module\.", r"self_attention.1_\1."),
-    (r"layer_1\.1\.(\d+)\.1\.module\.", r"self_attention.0_\1.mlp."),
-    (r"layer_n\.1\.(\d+)\.1\.module\.", r"self_attention.1_\1.mlp."),
-    (r"cross_attention\.0\.module\.", "cross_attention."),  # the decoder's layer
-    (r"cross_attention\.1\.module\.", "cross_attention.mlp."),
-    (r"mlp\.0\.", "mlp.norm."),
-    (r"mlp\.1\.", "mlp.fc1."),
-    (r"mlp\.3\.", "mlp.fc2."),
+_WEIGHT_SET = {"1": "0", "n": "1"}
+_MLP_LAYERS = {"0": "norm", "1": "fc1", "3": "fc2"}
+_ORIGINAL_KEY_RULES = [
+    (r"layer_(1|n)\.0\.", lambda m: f"cross_attention.{_WEIGHT_SET[m[1]]}."),
+    (r"layer_(1|n)\.1\.(\d+)\.", lambda m: f"self_attention.{_WEIGHT_SET[m[1]]}_{m[2]}."),
+    (r"(^|\.)0\.module\.", r"\1"),  # Residual(attention): the layer itself
+    (r"(^|\.)1\.module\.", r"\1mlp."),  # Residual(mlp)
+    (r"mlp\.([013])\.", lambda m: f"mlp.{_MLP_LAYERS[m[1]]}."),
     (r"attention\.attention\.out_proj\.", "attention.o_proj."),
     (r"attention\.attention\.([qkv])_proj_weight$", r"attention.\1_proj.weight"),
     (r"(^|\.)output$", r"\1output_query"),
@@ -254,11 +251,9 @@ def convert_original_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str
     the keys and tensors of this mirror's, so his trained weights load with `load_state_dict` and compute the same
     outputs. `nn.MultiheadAttention`'s packed `in_proj_weight` / `in_proj_bias` are split into the query, key and
     value projections."""
-    import re
-
     converted = {}
     for key, tensor in state_dict.items():
-        for pattern, replacement in _ORIGINAL_KEY_PATTERNS:
+        for pattern, replacement in _ORIGINAL_KEY_RULES:
             key = re.sub(pattern, replacement, key)
         packed = re.search(r"attention\.attention\.in_proj_(weight|bias)$", key)
         if packed:

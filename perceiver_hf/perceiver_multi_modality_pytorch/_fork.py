@@ -7,17 +7,16 @@ Mirrors perceiver-multi-modality-pytorch 1.3.0, fac2003/perceiver-multi-modality
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Mapping
+from typing import Any
 
 from ..modeling_perceiver import PerceiverEncoder
 from ..perceiver_pytorch._translate import (
     KeyMapEntry,
     attention_renames,
     build_config,
-    cross_layers,
+    build_encoder,
     feed_forward_renames,
-    place_dropout,
-    self_layers,
 )
 
 __all__ = ["fork_weight_sharing", "build_fork_encoder", "fork_layers_key_map"]
@@ -39,43 +38,31 @@ def fork_weight_sharing(depth: int, blocks_per_layer: int, tied: bool) -> tuple[
 
 
 def build_fork_encoder(
+    arguments: Mapping[str, Any],
     *,
     input_dim: int,
-    cross_sharing: list[int],
-    self_sharing: list[list[int]],
-    num_latents: int,
-    latent_dim: int,
-    cross_heads: int,
-    latent_heads: int,
-    cross_dim_head: int,
-    latent_dim_head: int,
-    attn_dropout: float,
-    ff_dropout: float,
+    sharing: tuple[list[int], list[list[int]]],
     use_gelu: bool,
     block_residual: bool,
 ) -> PerceiverEncoder:
     """The core encoder of a fork model: one cross-attention layer then one block of self-attention layers per entry
-    of `cross_sharing` / `self_sharing` (the weight-sharing lists), with the fork's extra residual around each block
-    when `block_residual`."""
+    of the weight-sharing lists `sharing`, with the fork's extra residual around each block when `block_residual`.
+
+    `arguments` are the model constructor's arguments (`locals()`), which hold the layer sizes (see `build_config`)
+    and the fork's `attn_dropout` and `ff_dropout`.
+    """
     config = build_config(
-        num_input_channels=input_dim,
-        num_latents=num_latents,
-        latent_dim=latent_dim,
-        cross_heads=cross_heads,
-        cross_dim_head=cross_dim_head,
-        latent_heads=latent_heads,
-        latent_dim_head=latent_dim_head,
-        cross_sharing=cross_sharing,
-        self_sharing=self_sharing,
+        arguments,
+        input_dim=input_dim,
+        sharing=sharing,
         hidden_act="gelu" if use_gelu else "geglu",
         block_residual=block_residual,
+        # The fork drops the attention output (`to_out`'s Dropout) and the feed-forward's hidden activations.
+        attention_output_dropout=arguments["attn_dropout"],
+        mlp_output_dropout=0.0,
+        mlp_hidden_dropout=arguments["ff_dropout"],
     )
-    encoder = PerceiverEncoder(config)
-    nn.init.normal_(encoder.latent)  # torch.randn, as the original's latents
-    # The fork drops the attention output (`to_out`'s Dropout) and the feed-forward's hidden activations.
-    for layers in (cross_layers(encoder), self_layers(encoder)):
-        place_dropout(layers, attention_output=attn_dropout, mlp_output=0.0, mlp_hidden=ff_dropout)
-    return encoder
+    return build_encoder(config)
 
 
 def fork_layers_key_map(encoder: PerceiverEncoder) -> list[KeyMapEntry]:

@@ -23,35 +23,60 @@ the core's encoder does not express.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 from torch.nn import Identity
 
-from ..perceiver_pytorch._translate import KeyMapEntry
+from ..perceiver_pytorch._translate import EncoderMirror, KeyMapEntry
+from ..perceiver_pytorch.perceiver_pytorch import position_features
 from ._fork import build_fork_encoder, fork_layers_key_map, fork_weight_sharing
 from .modalities import InputModality, modality_encoding
 from .perceiver_pytorch import fourier_encode
 
-__all__ = ["MultiModalityPerceiver", "MultiModalityPerceiverNoPooling", "InputModality", "modality_features"]
+__all__ = ["MultiModalityPerceiver", "MultiModalityPerceiverNoPooling", "InputModality", "modality_inputs"]
 
 
-def modality_features(
-    modality: InputModality, data: Tensor, modality_index: int, num_modalities: int
-) -> tuple[Tensor, Tensor]:
-    """The Fourier features of the positions of `data` `(B, *axes, C)` (on `linspace(-1, 1)` per axis) and its
-    one-hot modality encoding, each `(B, *axes, channels)`, as the fork computes them."""
-    b, *axis, _ = data.shape
-    device = data.device
-    axis_pos = [torch.linspace(-1.0, 1.0, steps=size, device=device) for size in axis]
-    pos = torch.stack(torch.meshgrid(*axis_pos, indexing="ij"), dim=-1)  # (*axes, input_axis)
-    enc_pos = fourier_encode(pos, modality.max_freq, modality.num_freq_bands, modality.freq_base).flatten(-2)
-    modality_encodings = modality_encoding(b, axis, modality_index, num_modalities, device=device)
-    return enc_pos.expand(b, *enc_pos.shape), modality_encodings
+def modality_inputs(
+    modalities: Mapping[str, InputModality],
+    multi_modality_data: Mapping[str, Tensor],
+    modality_dim: Callable[[InputModality], int],
+    max_modality_dim: int,
+) -> Iterator[tuple[InputModality, Tensor, Tensor]]:
+    """The fork's multi-modality inputs, checked as the fork checks them: for each modality in the batch, in sorted
+    name order, `(modality, data, features)` where `features` `(B, *axes, F)` are the channels that follow the
+    modality's own (`modality_dim(modality)` of them): zero padding up to the widest modality (`max_modality_dim`
+    channels in all), the Fourier features of the positions (on `linspace(-1, 1)` per axis) and the one-hot
+    modality encoding."""
+    batch_sizes = set()
+    num_modalities = len(multi_modality_data)
+    for modality_index, modality_name in enumerate(sorted(multi_modality_data.keys())):
+        assert modality_name in modalities, f"modality {modality_name} was not defined in constructor"
+        data = multi_modality_data[modality_name]
+        modality = modalities[modality_name]
+        b, *axis, _ = data.shape
+        assert len(axis) == modality.input_axis, (
+            f"input data must have the right number of axes for modality {modality_name}. "
+            f"Expected {modality.input_axis} while forward argument offered {len(axis)}"
+        )
+        batch_sizes.add(b)
+        assert len(batch_sizes) == 1, "batch size must be the same across all modalities"
+
+        encode = partial(
+            fourier_encode, max_freq=modality.max_freq, num_bands=modality.num_freq_bands, base=modality.freq_base
+        )
+        enc_pos = position_features(axis, encode, data.device)  # float32, as the fork's
+        modality_encodings = modality_encoding(b, axis, modality_index, num_modalities, device=data.device)
+        # Zero channels pad this modality to the widest one (the one-hot has one channel per modality given).
+        padding_size = max_modality_dim - modality_dim(modality) - num_modalities
+        padding = torch.zeros(size=data.size()[0:-1] + (padding_size,), device=data.device)
+        features = torch.cat((padding, enc_pos.expand(b, *enc_pos.shape), modality_encodings), dim=-1)
+        yield modality, data, features
 
 
-class MultiModalityPerceiver(nn.Module):
+class MultiModalityPerceiver(EncoderMirror):
     """The fork's `MultiModalityPerceiver`: a dict `{name: (B, *axes, C)}` of the modalities given to the
     constructor (any subset) -> class logits `(B, num_classes)`. `mask` `(B, N)` over all the inputs' positions
     (in sorted modality order): True for inputs to attend to. Subclasses may override `pool`."""
@@ -79,56 +104,24 @@ class MultiModalityPerceiver(nn.Module):
         self.modalities = {modality.name: modality for modality in modalities}
         # One one-hot channel per modality, after the widest modality's channels.
         self.max_modality_dim = max(modality.input_dim for modality in modalities) + len(modalities)
-        cross_sharing, self_sharing = fork_weight_sharing(depth, num_latent_blocks_per_layer, weight_tie_layers)
         self.encoder = build_fork_encoder(
+            locals(),
             input_dim=self.max_modality_dim,
-            cross_sharing=cross_sharing,
-            self_sharing=self_sharing,
-            num_latents=num_latents,
-            latent_dim=latent_dim,
-            cross_heads=cross_heads,
-            latent_heads=latent_heads,
-            cross_dim_head=cross_dim_head,
-            latent_dim_head=latent_dim_head,
-            attn_dropout=attn_dropout,
-            ff_dropout=ff_dropout,
+            sharing=fork_weight_sharing(depth, num_latent_blocks_per_layer, weight_tie_layers),
             use_gelu=use_gelu,
             block_residual=True,
         )
         self.to_logits = nn.Sequential(nn.LayerNorm(latent_dim), nn.Linear(latent_dim, num_classes))
 
-    @property
-    def latents(self) -> nn.Parameter:
-        """The latent array `(num_latents, latent_dim)` (the original's `latents`)."""
-        return self.encoder.latent
-
     def forward(self, multi_modality_data: dict[str, Tensor], mask: Tensor | None = None) -> Tensor:
-        batch_sizes = set()
-        num_modalities = len(multi_modality_data)
         linearized_data = []
-        for modality_index, modality_name in enumerate(sorted(multi_modality_data.keys())):
-            assert modality_name in self.modalities, f"modality {modality_name} was not defined in constructor"
-            data = multi_modality_data[modality_name]
-            modality = self.modalities[modality_name]
-            b, *axis, _ = data.shape
-            assert len(axis) == modality.input_axis, (
-                f"input data must have the right number of  for modality {modality_name}. "
-                f"Expected {modality.input_axis} while forward argument offered {len(axis)}"
-            )
-            batch_sizes.add(b)
-            assert len(batch_sizes) == 1, "batch size must be the same across all modalities"
+        for _, data, features in modality_inputs(
+            self.modalities, multi_modality_data, lambda modality: modality.input_dim, self.max_modality_dim
+        ):
+            data = torch.cat((data, features), dim=-1)
+            linearized_data.append(data.reshape(data.shape[0], -1, data.shape[-1]))
 
-            enc_pos, modality_encodings = modality_features(modality, data, modality_index, num_modalities)
-            # Zero channels pad this modality to the widest one (the one-hot has one channel per modality given).
-            padding_size = self.max_modality_dim - modality.input_dim - num_modalities
-            padding = torch.zeros(size=data.size()[0:-1] + (padding_size,)).to(data.device)
-            data = torch.cat((data, padding, enc_pos, modality_encodings), dim=-1)
-            linearized_data.append(data.reshape(b, -1, data.shape[-1]))
-
-        data = torch.cat(linearized_data, dim=1)  # (B, N, max_modality_dim)
-        if mask is not None:
-            mask = mask.reshape(data.shape[0], -1)
-        x = self.encoder(data, attention_mask=mask).last_hidden_state  # (B, L, D)
+        x = self.encode(torch.cat(linearized_data, dim=1), mask)  # (B, L, D)
         x = self.pool(x)
         return self.to_logits(x)
 
@@ -162,22 +155,9 @@ class MultiModalityPerceiverNoPooling(MultiModalityPerceiver):
         num_latent_blocks_per_layer: int = 1,
         use_gelu: bool = True,
     ) -> None:
-        super().__init__(
-            modalities=modalities,
-            depth=depth,
-            num_latents=num_latents,
-            latent_dim=latent_dim,
-            cross_heads=cross_heads,
-            latent_heads=latent_heads,
-            cross_dim_head=cross_dim_head,
-            latent_dim_head=latent_dim_head,
-            attn_dropout=attn_dropout,
-            ff_dropout=ff_dropout,
-            weight_tie_layers=weight_tie_layers,
-            num_latent_blocks_per_layer=num_latent_blocks_per_layer,
-            use_gelu=use_gelu,
-            num_classes=1,
-        )
+        # The classifier with another `use_gelu` default, less its head: the arguments go on as they are.
+        arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
+        super().__init__(**arguments, num_classes=1)
         self.to_logits = Identity()
 
     def pool(self, x: Tensor) -> Tensor:

@@ -15,20 +15,21 @@ the original); a `mask` that masks out every input of an example raises a `Value
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 from torch.nn import ModuleDict
 
-from ..perceiver_pytorch._translate import KeyMapEntry
+from ..perceiver_pytorch._translate import EncoderMirror, KeyMapEntry
 from ._fork import build_fork_encoder, fork_layers_key_map, fork_weight_sharing
 from .modalities import InputModalityWithEmbedding
-from .multi_modality_perceiver import modality_features
+from .multi_modality_perceiver import modality_inputs
 
 __all__ = ["MultiModalityWithTextPerceiver"]
 
 
-class MultiModalityWithTextPerceiver(nn.Module):
+class MultiModalityWithTextPerceiver(EncoderMirror):
     """The fork's `MultiModalityWithTextPerceiver`: a dict `{name: (B, *axes, C)}` (token ids `(B, L, 1)` for
     modalities with an embedding) -> class logits `(B, num_classes)`."""
 
@@ -63,63 +64,33 @@ class MultiModalityWithTextPerceiver(nn.Module):
         )
         # One one-hot channel per modality, after the widest modality's per-layer channels.
         self.max_modality_dim = max(modality.embedding_dim(self.depth) for modality in modalities) + len(modalities)
-        cross_sharing, self_sharing = fork_weight_sharing(depth, num_latent_blocks_per_layer, weight_tie_layers)
         self.encoder = build_fork_encoder(
+            locals(),
             input_dim=self.max_modality_dim,
-            cross_sharing=cross_sharing,
-            self_sharing=self_sharing,
-            num_latents=num_latents,
-            latent_dim=latent_dim,
-            cross_heads=cross_heads,
-            latent_heads=latent_heads,
-            cross_dim_head=cross_dim_head,
-            latent_dim_head=latent_dim_head,
-            attn_dropout=attn_dropout,
-            ff_dropout=ff_dropout,
+            sharing=fork_weight_sharing(depth, num_latent_blocks_per_layer, weight_tie_layers),
             use_gelu=False,
             block_residual=True,
         )
         self.to_logits = nn.Sequential(nn.LayerNorm(latent_dim), nn.Linear(latent_dim, num_classes))
 
-    @property
-    def latents(self) -> nn.Parameter:
-        """The latent array `(num_latents, latent_dim)` (the original's `latents`)."""
-        return self.encoder.latent
-
     def forward(self, multi_modality_data: dict[str, Tensor], mask: Tensor | None = None) -> Tensor:
-        batch_sizes = set()
-        num_modalities = len(multi_modality_data)
         linearized_data_per_layer: list[list[Tensor]] = [[] for _ in range(self.depth)]
-        for modality_index, modality_name in enumerate(sorted(multi_modality_data.keys())):
-            assert modality_name in self.modalities, f"modality {modality_name} was not defined in constructor"
-            data = multi_modality_data[modality_name]
-            modality = self.modalities[modality_name]
-            b, *axis, _ = data.shape
-            assert len(axis) == modality.input_axis, (
-                f"input data must have the right number of axes for modality {modality_name}. "
-                f"Expected {modality.input_axis} while forward argument offered {len(axis)}"
-            )
-            batch_sizes.add(b)
-            assert len(batch_sizes) == 1, "batch size must be the same across all modalities"
-
-            enc_pos, modality_encodings = modality_features(modality, data, modality_index, num_modalities)
-            padding_size = self.max_modality_dim - modality.embedding_dim(self.depth) - num_modalities
-            padding = torch.zeros(size=data.size()[0:-1] + (padding_size,), device=data.device)
-            if modality_name in self.embeddings:
+        # Every modality is padded to the widest per-layer width.
+        layer_dim = partial(InputModalityWithEmbedding.embedding_dim, depth=self.depth)
+        for modality, data, features in modality_inputs(
+            self.modalities, multi_modality_data, layer_dim, self.max_modality_dim
+        ):
+            if modality.name in self.embeddings:
                 # The registered embedding (moved, loaded or replaced with the model) is the one to use.
-                modality.embedding = self.embeddings[modality_name]
+                modality.embedding = self.embeddings[modality.name]
             data = modality.maybe_embed(data)
-
             for i in range(self.depth):
-                layer_data = modality.embedding_for_layer(data, i, self.depth)
-                layer_data = torch.cat((layer_data, padding, enc_pos, modality_encodings), dim=-1)
-                linearized_data_per_layer[i].append(layer_data.reshape(b, -1, layer_data.shape[-1]))
+                layer_data = torch.cat((modality.embedding_for_layer(data, i, self.depth), features), dim=-1)
+                linearized_data_per_layer[i].append(layer_data.reshape(data.shape[0], -1, layer_data.shape[-1]))
 
         # Cross-attention layer i attends to its own array (the same positions, its slice of the embeddings).
         layer_inputs = [torch.cat(layer_data, dim=1) for layer_data in linearized_data_per_layer]
-        if mask is not None:
-            mask = mask.reshape(layer_inputs[0].shape[0], -1)
-        x = self.encoder(layer_inputs, attention_mask=mask).last_hidden_state  # (B, L, D)
+        x = self.encode(layer_inputs, mask)  # (B, L, D)
         return self.to_logits(x.mean(dim=-2))
 
     def original_key_map(self) -> list[KeyMapEntry]:

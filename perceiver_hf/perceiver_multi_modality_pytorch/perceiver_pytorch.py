@@ -20,13 +20,14 @@ core's `gradient_checkpointing` attribute offers the latter.
 
 from __future__ import annotations
 
+from functools import partial
 from math import log, pi
 
 import torch
 from torch import nn
 
-from ..perceiver_pytorch._translate import KeyMapEntry, attention_renames, feed_forward_renames
-from ..perceiver_pytorch.perceiver_pytorch import default, exists, lucidrains_weight_sharing
+from ..perceiver_pytorch._translate import EncoderMirror, KeyMapEntry, attention_renames, feed_forward_renames
+from ..perceiver_pytorch.perceiver_pytorch import default, exists, lucidrains_weight_sharing, position_features
 from ._fork import build_fork_encoder
 
 __all__ = ["Perceiver", "fourier_encode", "exists", "default"]
@@ -42,7 +43,7 @@ def fourier_encode(x: torch.Tensor, max_freq: float, num_bands: int = 4, base: f
     return torch.cat((x.sin(), x.cos(), orig_x), dim=-1)
 
 
-class Perceiver(nn.Module):
+class Perceiver(EncoderMirror):
     """The fork's `Perceiver`: inputs `(B, *axes, C)` -> class logits `(B, num_classes)`. `mask` `(B, *axes)` or
     `(B, N)`: True for inputs to attend to."""
 
@@ -72,45 +73,25 @@ class Perceiver(nn.Module):
         self.num_freq_bands = num_freq_bands
         self.freq_base = freq_base
 
-        input_dim = input_axis * ((num_freq_bands * 2) + 1) + input_channels
         # One cache per layer type (`cache_fn`): tied, layer 1 its own weights and layers 2.. one set.
-        cross_sharing, self_sharing = lucidrains_weight_sharing(depth, 1, weight_tie_layers)
         self.encoder = build_fork_encoder(
-            input_dim=input_dim,
-            cross_sharing=cross_sharing,
-            self_sharing=self_sharing,
-            num_latents=num_latents,
-            latent_dim=latent_dim,
-            cross_heads=cross_heads,
-            latent_heads=latent_heads,
-            cross_dim_head=cross_dim_head,
-            latent_dim_head=latent_dim_head,
-            attn_dropout=attn_dropout,
-            ff_dropout=ff_dropout,
+            locals(),
+            input_dim=input_axis * ((num_freq_bands * 2) + 1) + input_channels,
+            sharing=lucidrains_weight_sharing(depth, 1, weight_tie_layers),
             use_gelu=False,
             block_residual=False,
         )
         self.to_logits = nn.Sequential(nn.LayerNorm(latent_dim), nn.Linear(latent_dim, num_classes))
 
-    @property
-    def latents(self) -> nn.Parameter:
-        """The latent array `(num_latents, latent_dim)` (the original's `latents`)."""
-        return self.encoder.latent
-
     def forward(self, data: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, *axis, _ = data.shape
         assert len(axis) == self.input_axis, "input data must have the right number of axis"
 
-        # Fourier-encoded positions in [-1, 1] on every axis, concatenated to the data's channels.
-        axis_pos = [torch.linspace(-1.0, 1.0, steps=size, device=data.device) for size in axis]
-        pos = torch.stack(torch.meshgrid(*axis_pos, indexing="ij"), dim=-1)  # (*axes, input_axis)
-        enc_pos = fourier_encode(pos, self.max_freq, self.num_freq_bands, base=self.freq_base).flatten(-2)
+        # Fourier-encoded positions in [-1, 1] on every axis (float32, as the fork's), after the data's channels.
+        encode = partial(fourier_encode, max_freq=self.max_freq, num_bands=self.num_freq_bands, base=self.freq_base)
+        enc_pos = position_features(axis, encode, data.device)  # (*axes, F)
         data = torch.cat((data, enc_pos.expand(b, *enc_pos.shape)), dim=-1)
-        data = data.reshape(b, -1, data.shape[-1])  # (B, N, C)
-        if mask is not None:
-            mask = mask.reshape(b, -1)
-
-        x = self.encoder(data, attention_mask=mask).last_hidden_state  # (B, L, D)
+        x = self.encode(data, mask)  # (B, L, D)
         return self.to_logits(x.mean(dim=-2))
 
     def original_key_map(self) -> list[KeyMapEntry]:

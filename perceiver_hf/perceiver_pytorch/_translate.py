@@ -1,4 +1,4 @@
-"""What the perceiver-pytorch mirrors share: the config they build, dropout placement, inverted attention and the
+"""What the perceiver-pytorch mirrors share: the config and encoder they build, the models' common surface and the
 mapping of the originals' state-dict keys onto the core's.
 
 lucidrains' `perceiver_pytorch` and the multi-modality fork build the same layers (`PreNorm(Attention)` then
@@ -10,14 +10,11 @@ The mirrors compute the input features themselves and run this package's `Percei
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping
-from functools import partial
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface
 
 from ..configuration_perceiver import PerceiverConfig
 from ..modeling_perceiver import PerceiverEncoder
@@ -25,11 +22,10 @@ from ..modeling_perceiver import PerceiverEncoder
 __all__ = [
     "FF_MULT",
     "MeanOverLatents",
+    "EncoderMirror",
+    "layer_settings",
     "build_config",
-    "cross_layers",
-    "self_layers",
-    "place_dropout",
-    "use_inverted_cross_attention",
+    "build_encoder",
     "attention_renames",
     "feed_forward_renames",
     "KeyMapEntry",
@@ -49,145 +45,88 @@ class MeanOverLatents(nn.Module):
         return x.mean(dim=-2)
 
 
+class EncoderMirror(nn.Module):
+    """What every mirrored model has: a core `PerceiverEncoder` as `encoder`, whose latent array is the original's
+    `latents`, run on inputs and masks shaped as the originals take them."""
+
+    encoder: PerceiverEncoder
+
+    @property
+    def latents(self) -> nn.Parameter:
+        """The latent array `(num_latents, latent_dim)` (the original's `latents`)."""
+        return self.encoder.latent
+
+    def encode(self, inputs: torch.Tensor | list[torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The latents `(B, L, D)` of `inputs` `(B, *positions, C)` (or one `(B, N, C)` array per cross-attention
+        layer); the originals take `mask` `(B, *positions)`, True for inputs to attend to, the core `(B, N)`."""
+        if isinstance(inputs, torch.Tensor):
+            inputs = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
+        if mask is not None:
+            mask = mask.reshape(mask.shape[0], -1)
+        return self.encoder(inputs, attention_mask=mask).last_hidden_state
+
+
+def layer_settings(layer: str, heads: int, dim_head: int) -> dict[str, int]:
+    """The core's settings of one kind of attention layer (`layer`: "cross_attention", "self_attention" or
+    "decoder"): the originals' `heads` heads of width `dim_head` for queries, keys and values, and the 4x
+    feed-forward."""
+    width = heads * dim_head
+    return {
+        f"num_{layer}_heads": heads,
+        f"{layer}_qk_channels": width,
+        f"{layer}_v_channels": width,
+        f"{layer}_widening_factor": FF_MULT,
+    }
+
+
 def build_config(
+    arguments: Mapping[str, Any],
     *,
-    num_input_channels: int,
-    num_latents: int,
-    latent_dim: int,
-    cross_heads: int,
-    cross_dim_head: int,
-    latent_heads: int,
-    latent_dim_head: int,
-    cross_sharing: list[int],
-    self_sharing: list[list[int]],
+    input_dim: int,
+    sharing: tuple[list[int], list[list[int]]],
     hidden_act: str = "geglu",
-    attention_dropout: float = 0.0,
     block_residual: bool = False,
-    **decoder_settings,
+    **settings,
 ) -> PerceiverConfig:
     """The `PerceiverConfig` of a perceiver-pytorch encoder.
 
-    `cross_sharing[i]` is the weight set of cross-attention layer `i`, `self_sharing[b][j]` that of self-attention
-    layer `j` of block `b` (numbered in order of first use, as the config wants). The residual dropout is set per
-    layer afterwards (`place_dropout`): the core's single `dropout` is on both residual branches, the originals'
-    is not.
+    `arguments` are the mirror constructor's arguments (`locals()`): the layer sizes that all of lucidrains' and the
+    fork's constructors take, under the same names and with the same meaning (`num_latents`, `latent_dim`,
+    `cross_heads`, `cross_dim_head`, `latent_heads`, `latent_dim_head`), are read from there rather than passed on
+    one by one by each model. `sharing` is `(cross_sharing, self_sharing)`: `cross_sharing[i]` is the weight set of
+    cross-attention layer `i`, `self_sharing[b][j]` that of self-attention layer `j` of block `b` (numbered in order
+    of first use, as the config wants). `settings`: the rest of the config, e.g. where the model drops
+    (`attention_dropout`, `attention_output_dropout`, `mlp_output_dropout`, `mlp_hidden_dropout`: the originals
+    differ), `cross_attention_inverted` or the decoder's settings.
     """
+    cross_sharing, self_sharing = sharing
     return PerceiverConfig(
         input_adapter="none",
-        input_adapter_config={"num_input_channels": num_input_channels},
-        num_latents=num_latents,
-        d_latents=latent_dim,
+        input_adapter_config={"num_input_channels": input_dim},
+        num_latents=arguments["num_latents"],
+        d_latents=arguments["latent_dim"],
         num_cross_attention_layers=len(cross_sharing),
         num_self_attention_blocks=len(self_sharing),
         num_self_attention_layers_per_block=len(self_sharing[0]),
         cross_attention_weight_sharing=cross_sharing,
         self_attention_weight_sharing=self_sharing,
-        num_cross_attention_heads=cross_heads,
-        cross_attention_qk_channels=cross_heads * cross_dim_head,
-        cross_attention_v_channels=cross_heads * cross_dim_head,
-        num_self_attention_heads=latent_heads,
-        self_attention_qk_channels=latent_heads * latent_dim_head,
-        self_attention_v_channels=latent_heads * latent_dim_head,
-        cross_attention_widening_factor=FF_MULT,
-        self_attention_widening_factor=FF_MULT,
+        **layer_settings("cross_attention", arguments["cross_heads"], arguments["cross_dim_head"]),
+        **layer_settings("self_attention", arguments["latent_heads"], arguments["latent_dim_head"]),
         hidden_act=hidden_act,
         qkv_bias=False,  # to_q / to_kv have no bias, to_out has one
         use_query_residual=True,
         self_attention_block_residual=block_residual,
-        dropout=0.0,
-        attention_dropout=attention_dropout,
+        dropout=0.0,  # each model says where it drops (`settings`)
         layer_norm_eps=1e-5,  # nn.LayerNorm's default
-        **decoder_settings,
+        **settings,
     )
 
 
-def cross_layers(encoder: PerceiverEncoder) -> list[nn.Module]:
-    """The encoder's cross-attention layer modules, one per weight set."""
-    return list(encoder.cross_attention.values())
-
-
-def self_layers(encoder: PerceiverEncoder) -> list[nn.Module]:
-    """The encoder's self-attention layer modules, one per weight set."""
-    return list(encoder.self_attention.values())
-
-
-def _dropout_input(module: nn.Module, args: tuple[torch.Tensor, ...], p: float) -> tuple[torch.Tensor, ...]:
-    return (F.dropout(args[0], p=p, training=module.training),)
-
-
-def place_dropout(
-    layers: Iterable[nn.Module], *, attention_output: float, mlp_output: float, mlp_hidden: float = 0.0
-) -> None:
-    """Put the originals' dropout where they have it, in core cross- or self-attention layers.
-
-    `attention_output`: on the attention's output (the fork's `to_out` dropout; lucidrains has none there);
-    `mlp_output`: after the feed-forward's last linear layer (lucidrains' `FeedForward`); `mlp_hidden`: between
-    its two linear layers (the fork's `FeedForward`), applied by a pre-hook on the second one, which leaves the
-    parameters and their names as they are.
-    """
-    for layer in layers:
-        layer.dropout.p = attention_output
-        layer.mlp.dropout.p = mlp_output
-        if mlp_hidden > 0.0:
-            layer.mlp.fc2.register_forward_pre_hook(partial(_dropout_input, p=mlp_hidden))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Inverted cross-attention (lucidrains 0.9: `inverted_cross_attn`)
-# ---------------------------------------------------------------------------------------------------------------
-
-INVERTED_ATTENTION = "perceiver_pytorch_inverted"
-
-
-def inverted_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """lucidrains' inverted attention (slot attention): softmax over the queries, so that the latents compete for
-    each input, then each latent's weights renormalised to sum to 1 (`l1norm`). In the core's attention-interface
-    form: `query` `(B, H, Nq, Dk)`, `attention_mask` boolean `(B, 1, 1, Nkv)`, True where a key may be attended;
-    returns `(B, Nq, H, Dv)` and the weights."""
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, Nq, Nkv)
-    if attention_mask is not None:
-        scores = scores.masked_fill(~attention_mask, -torch.finfo(scores.dtype).max)
-    weights = scores.softmax(dim=-2)
-    if attention_mask is not None:
-        weights = weights.masked_fill(~attention_mask, 0.0)
-    weights = F.normalize(weights, p=1, dim=-1, eps=1e-8)
-    out = torch.matmul(F.dropout(weights, p=dropout, training=module.training), value)  # (B, H, Nq, Dv)
-    return out.transpose(1, 2), weights
-
-
-# Registered with transformers' attention interface, which the core's `PerceiverAttention` dispatches through.
-AttentionInterface.register(INVERTED_ATTENTION, inverted_attention_forward)
-
-
-def use_inverted_cross_attention(encoder: PerceiverEncoder, inverted: tuple[bool, ...]) -> None:
-    """Make cross-attention layer `i` use inverted attention where `inverted[i]`.
-
-    The core has no per-layer attention choice, so the attention modules of those layers get a copy of the config
-    naming the inverted attention function. A weight set serves all the layers that share it: layers that share
-    weights must agree on `inverted`.
-    """
-    by_module: dict[str, set[bool]] = {}
-    for key, flag in zip(encoder.cross_attention_keys, inverted, strict=True):
-        by_module.setdefault(key, set()).add(flag)
-    for key, flags in by_module.items():
-        if len(flags) > 1:
-            raise NotImplementedError(
-                "inverted_cross_attn must be the same for cross-attention layers that share weights "
-                "(weight_tie_layers=True ties layers 1..): the core chooses the attention per weight set"
-            )
-        if flags == {True}:
-            attention = encoder.cross_attention[key].attention
-            attention.config = copy.copy(attention.config)
-            attention.config._attn_implementation = INVERTED_ATTENTION
+def build_encoder(config: PerceiverConfig) -> PerceiverEncoder:
+    """The core encoder of `config`, its latents drawn as the originals' (`torch.randn`)."""
+    encoder = PerceiverEncoder(config)
+    nn.init.normal_(encoder.latent)
+    return encoder
 
 
 # ---------------------------------------------------------------------------------------------------------------

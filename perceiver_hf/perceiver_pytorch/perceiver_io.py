@@ -21,8 +21,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modeling_perceiver import PerceiverCrossAttentionLayer, PerceiverEncoder
-from ._translate import FF_MULT, KeyMapEntry, attention_renames, build_config, feed_forward_renames
+from ..modeling_perceiver import PerceiverCrossAttentionLayer
+from ._translate import (
+    FF_MULT,
+    EncoderMirror,
+    KeyMapEntry,
+    attention_renames,
+    build_config,
+    build_encoder,
+    feed_forward_renames,
+    layer_settings,
+)
 
 __all__ = ["PerceiverIO", "PerceiverLM", "dropout_seq"]
 
@@ -52,7 +61,7 @@ def dropout_seq(
     return seq, mask
 
 
-class PerceiverIO(nn.Module):
+class PerceiverIO(EncoderMirror):
     """lucidrains' `PerceiverIO`: inputs `(B, N, dim)` -> latents `(B, num_latents, latent_dim)`, or, given
     `queries` `(B, Q, queries_dim)` or `(Q, queries_dim)`, the decoded queries `(B, Q, logits_dim or queries_dim)`.
     `mask` `(B, N)`: True for inputs to attend to."""
@@ -79,24 +88,14 @@ class PerceiverIO(nn.Module):
         # lucidrains' perceiver_io `cache_fn` has one cache: tied, all `depth` self-attention layers are one.
         self_sharing = [[0] * depth] if weight_tie_layers else [list(range(depth))]
         self.config = build_config(
-            num_input_channels=dim,
-            num_latents=num_latents,
-            latent_dim=latent_dim,
-            cross_heads=cross_heads,
-            cross_dim_head=cross_dim_head,
-            latent_heads=latent_heads,
-            latent_dim_head=latent_dim_head,
-            cross_sharing=[0],
-            self_sharing=self_sharing,
-            num_decoder_heads=cross_heads,
-            decoder_qk_channels=cross_heads * cross_dim_head,
-            decoder_v_channels=cross_heads * cross_dim_head,
-            decoder_widening_factor=FF_MULT,
+            locals(),
+            input_dim=dim,
+            sharing=([0], self_sharing),
+            **layer_settings("decoder", cross_heads, cross_dim_head),
             decoder_use_mlp=decoder_ff,
             decoder_use_query_residual=False,
         )
-        self.encoder = PerceiverEncoder(self.config)
-        nn.init.normal_(self.encoder.latent)  # torch.randn, as the original's latents
+        self.encoder = build_encoder(self.config)
 
         self.decoder_cross_attn = PerceiverCrossAttentionLayer(
             self.config,
@@ -112,11 +111,6 @@ class PerceiverIO(nn.Module):
         self.to_logits = nn.Linear(queries_dim, logits_dim) if logits_dim is not None else nn.Identity()
 
     @property
-    def latents(self) -> nn.Parameter:
-        """The latent array `(num_latents, latent_dim)` (the original's `latents`)."""
-        return self.encoder.latent
-
-    @property
     def decoder_ff(self) -> nn.Module | None:
         """The decoder's feed-forward (`decoder_ff=True`), part of the decoder layer here."""
         return self.decoder_cross_attn.mlp
@@ -128,7 +122,7 @@ class PerceiverIO(nn.Module):
         if self.training and self.seq_dropout_prob > 0.0:
             data, mask = dropout_seq(data, mask, self.seq_dropout_prob)
 
-        x = self.encoder(data, attention_mask=mask).last_hidden_state  # (B, L, D)
+        x = self.encode(data, mask)  # (B, L, D)
         if queries is None:
             return x
 

@@ -14,9 +14,7 @@ Deliberate differences:
 - the parameters are named as the core's (`encoder.cross_attention.0.attention.q_proj.weight`, with `to_kv` split
   into `k_proj` / `v_proj`); `load_original_state_dict` loads a state dict of the original;
 - `self_per_cross_attn=0` (cross-attention only) is not supported: the core's blocks have at least one layer;
-- a `mask` that masks out every input of an example raises a `ValueError` (the original attends uniformly);
-- with `weight_tie_layers=True`, the tied layers 2.. must agree on `inverted_cross_attn` (the core chooses the
-  attention function per weight set).
+- a `mask` that masks out every input of an example raises a `ValueError` (the original attends uniformly).
 
 The original's building blocks (`PreNorm`, `Attention`, `FeedForward`, `GEGLU`, `cache_fn`) are not mirrored: the
 core's layers replace them.
@@ -24,25 +22,24 @@ core's layers replace them.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from functools import partial
 from math import pi
 
 import torch
 from torch import nn
 
-from ..modeling_perceiver import PerceiverEncoder
 from ._translate import (
+    EncoderMirror,
     KeyMapEntry,
     MeanOverLatents,
     attention_renames,
     build_config,
-    cross_layers,
+    build_encoder,
     feed_forward_renames,
-    place_dropout,
-    self_layers,
-    use_inverted_cross_attention,
 )
 
-__all__ = ["Perceiver", "fourier_encode", "exists", "default", "lucidrains_weight_sharing"]
+__all__ = ["Perceiver", "fourier_encode", "exists", "default", "lucidrains_weight_sharing", "position_features"]
 
 
 def exists(val) -> bool:
@@ -63,6 +60,17 @@ def fourier_encode(x: torch.Tensor, max_freq: float, num_bands: int = 4) -> torc
     return torch.cat((x.sin(), x.cos(), orig_x), dim=-1)
 
 
+def position_features(
+    axis: Sequence[int], encode: Callable[[torch.Tensor], torch.Tensor], device: torch.device, dtype=None
+) -> torch.Tensor:
+    """The Fourier features `(*axis, F)` of the positions of an `axis`-shaped input, as lucidrains' and the fork's
+    `forward` compute them: positions on `linspace(-1, 1)` per axis, encoded by `encode` (their `fourier_encode`
+    with the model's frequencies), the axes' features side by side."""
+    axis_pos = [torch.linspace(-1.0, 1.0, steps=size, device=device, dtype=dtype) for size in axis]
+    pos = torch.stack(torch.meshgrid(*axis_pos, indexing="ij"), dim=-1)  # (*axis, len(axis))
+    return encode(pos).flatten(-2)
+
+
 def lucidrains_weight_sharing(depth: int, self_per_cross_attn: int, tied: bool) -> tuple[list[int], list[list[int]]]:
     """The core's weight-sharing lists of lucidrains' `Perceiver`: untied, every layer its own weights; tied, layer
     1 its own and layers 2.. one shared set (cross-attention; and one per block position `j`)."""
@@ -75,7 +83,7 @@ def lucidrains_weight_sharing(depth: int, self_per_cross_attn: int, tied: bool) 
     return cross, [first] + [rest] * (depth - 1)
 
 
-class Perceiver(nn.Module):
+class Perceiver(EncoderMirror):
     """lucidrains' `Perceiver`: inputs `(B, *axes, C)` -> class logits `(B, num_classes)` (latent mean, LayerNorm,
     Linear), or the latents `(B, num_latents, latent_dim)` with `return_embeddings=True` or
     `final_classifier_head=False`.
@@ -118,38 +126,23 @@ class Perceiver(nn.Module):
 
         self.fourier_encode_data = fourier_encode_data
         fourier_channels = (input_axis * ((num_freq_bands * 2) + 1)) if fourier_encode_data else 0
-        input_dim = fourier_channels + input_channels
-
-        cross_sharing, self_sharing = lucidrains_weight_sharing(depth, self_per_cross_attn, weight_tie_layers)
         self.config = build_config(
-            num_input_channels=input_dim,
-            num_latents=num_latents,
-            latent_dim=latent_dim,
-            cross_heads=cross_heads,
-            cross_dim_head=cross_dim_head,
-            latent_heads=latent_heads,
-            latent_dim_head=latent_dim_head,
-            cross_sharing=cross_sharing,
-            self_sharing=self_sharing,
-            attention_dropout=attn_dropout,  # lucidrains drops attention probabilities
+            locals(),
+            input_dim=fourier_channels + input_channels,
+            sharing=lucidrains_weight_sharing(depth, self_per_cross_attn, weight_tie_layers),
+            # lucidrains drops the attention probabilities and the feed-forward's output, not the attention output.
+            attention_dropout=attn_dropout,
+            attention_output_dropout=0.0,
+            mlp_output_dropout=ff_dropout,
+            cross_attention_inverted=[bool(flag) for flag in self.inverted_cross_attn],
         )
-        self.encoder = PerceiverEncoder(self.config)
-        nn.init.normal_(self.encoder.latent)  # torch.randn, as the original's latents
-        # lucidrains' FeedForward ends with its dropout; its attention output has none.
-        place_dropout(cross_layers(self.encoder), attention_output=0.0, mlp_output=ff_dropout)
-        place_dropout(self_layers(self.encoder), attention_output=0.0, mlp_output=ff_dropout)
-        use_inverted_cross_attention(self.encoder, self.inverted_cross_attn)
+        self.encoder = build_encoder(self.config)
 
         self.to_logits = (
             nn.Sequential(MeanOverLatents(), nn.LayerNorm(latent_dim), nn.Linear(latent_dim, num_classes))
             if final_classifier_head
             else nn.Identity()
         )
-
-    @property
-    def latents(self) -> nn.Parameter:
-        """The latent array `(num_latents, latent_dim)` (the original's `latents`)."""
-        return self.encoder.latent
 
     def forward(
         self, data: torch.Tensor, mask: torch.Tensor | None = None, return_embeddings: bool = False
@@ -159,16 +152,11 @@ class Perceiver(nn.Module):
 
         if self.fourier_encode_data:
             # Fourier-encoded positions in [-1, 1] on every axis, concatenated to the data's channels.
-            axis_pos = [torch.linspace(-1.0, 1.0, steps=size, device=data.device, dtype=data.dtype) for size in axis]
-            pos = torch.stack(torch.meshgrid(*axis_pos, indexing="ij"), dim=-1)  # (*axes, input_axis)
-            enc_pos = fourier_encode(pos, self.max_freq, self.num_freq_bands).flatten(-2)  # (*axes, F)
+            encode = partial(fourier_encode, max_freq=self.max_freq, num_bands=self.num_freq_bands)
+            enc_pos = position_features(axis, encode, data.device, data.dtype)  # (*axes, F)
             data = torch.cat((data, enc_pos.expand(b, *enc_pos.shape)), dim=-1)
 
-        data = data.reshape(b, -1, data.shape[-1])  # (B, N, C)
-        if mask is not None:
-            mask = mask.reshape(b, -1)
-        x = self.encoder(data, attention_mask=mask).last_hidden_state  # (B, L, D)
-
+        x = self.encode(data, mask)  # (B, L, D)
         if return_embeddings:
             return x
         return self.to_logits(x)
