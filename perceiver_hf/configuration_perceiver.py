@@ -98,7 +98,14 @@ class PerceiverConfig(PretrainedConfig):
     Args:
         input_adapter (`str`, *optional*, defaults to `"text"`):
             Which input adapter maps raw inputs to `(batch, positions, channels)`: `"text"`, `"image"`,
-            `"audio"` (raw waveforms) or `"multimodal"` (a dict of the modalities declared in `modalities`).
+            `"audio"` (raw waveforms), `"multimodal"` (a dict of the modalities declared in `modalities`) or
+            `"none"` (adapted inputs `(batch, positions, num_input_channels)` given as `inputs_embeds`).
+        input_adapter_config (`dict`, *optional*):
+            The adapter's settings, below (its class's `config_settings` are the defaults). They may also be given
+            as keyword arguments, and read and write as attributes (`config.vocab_size`); another adapter's
+            settings are an error. `config.json` holds them nested under this key.
+        num_input_channels (`int`, *optional*, defaults to 256):
+            "none": width of the adapted inputs.
         vocab_size (`int`, *optional*, defaults to 10000):
             Text: size of the token vocabulary.
         max_position_embeddings (`int`, *optional*, defaults to 512):
