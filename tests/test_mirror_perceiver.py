@@ -206,6 +206,7 @@ def test_blocks_are_the_cores() -> None:
     assert isinstance(model.encoder, modeling_perceiver.PerceiverEncoder)
     assert isinstance(model.decoder, modeling_perceiver.PerceiverDecoder)
     assert model.encoder.config.qkv_bias and model.encoder.config.num_cross_attention_heads == 4
+    assert model.encoder.config.input_adapter == "none"  # his adapter is a module of its own, not a config name
 
 
 def test_original_weights_load_and_compute_the_same_attention() -> None:

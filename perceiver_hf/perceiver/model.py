@@ -35,10 +35,14 @@ __all__ = [
 ]
 
 
-def _config(latent_shape: tuple[int, int], dropout: float, **settings) -> PerceiverConfig:
-    """The config of krasserm's layers: his attention and MLP widths, biases, activation and dropout."""
+def _config(latent_shape: tuple[int, int], dropout: float, num_input_channels: int, **settings) -> PerceiverConfig:
+    """The config of krasserm's layers: his attention and MLP widths, biases, activation and dropout. His adapters
+    are modules of their own, given to the encoder, so the config names none ("none": inputs of
+    `num_input_channels`)."""
     num_latents, num_latent_channels = latent_shape
     return PerceiverConfig(
+        input_adapter="none",
+        input_adapter_config={"num_input_channels": num_input_channels},
         num_latents=num_latents,
         d_latents=num_latent_channels,
         hidden_act="gelu",
@@ -94,6 +98,7 @@ class PerceiverEncoder(_CoreEncoder):
         config = _config(
             latent_shape,
             dropout,
+            input_adapter.num_input_channels,
             num_cross_attention_layers=num_layers,
             num_self_attention_blocks=num_layers,
             num_self_attention_layers_per_block=num_self_attention_layers_per_block,
@@ -132,7 +137,8 @@ class PerceiverDecoder(_CoreDecoder):
         dropout: float = 0.0,
         activation_checkpoint: bool = False,
     ) -> None:
-        config = _config(latent_shape, dropout, num_decoder_heads=num_cross_attention_heads)
+        # A decoder has no inputs of its own: its config's input width is the latents'.
+        config = _config(latent_shape, dropout, latent_shape[1], num_decoder_heads=num_cross_attention_heads)
         super().__init__(config, output_adapter, use_query_residual=True)
         self.config = config
         self.latent_shape = tuple(latent_shape)
