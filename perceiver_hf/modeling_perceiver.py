@@ -712,6 +712,17 @@ _RELEASE_0_1_KEY_MAPPING = {
 }
 
 
+def _to_dtype(inputs, dtype: torch.dtype):
+    """Floating-point tensors of `inputs` (a tensor, or a dict or list of them) in `dtype`; others unchanged."""
+    if isinstance(inputs, dict):
+        return {name: _to_dtype(value, dtype) for name, value in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(_to_dtype(value, dtype) for value in inputs)
+    if torch.is_tensor(inputs) and inputs.is_floating_point() and inputs.dtype != dtype:
+        return inputs.to(dtype)
+    return inputs
+
+
 def _resized_table(old: nn.Parameter, num_rows: int, init_new_rows) -> nn.Parameter:
     """A `(num_rows, C)` copy of the table `old`: its first `min(old rows, num_rows)` rows are kept, the others
     come from `init_new_rows` (an in-place `nn.init` function); trainable iff `old` is, so a frozen part stays
@@ -874,10 +885,9 @@ class PerceiverModel(PerceiverPreTrainedModel):
         if (given_name == "inputs_embeds") != (self.input_adapter is None):
             expected = "inputs_embeds" if self.input_adapter is None else f"raw inputs, not {given_name}"
             raise ValueError(f"this model's input_adapter is {self.config.input_adapter!r}: it takes {expected}")
-        if pixel_values is not None and pixel_values.is_floating_point() and pixel_values.dtype != self.dtype:
-            # float64 pixels (from numpy) or float32 pixels for a half-precision model would fail deep inside a
-            # matmul or LayerNorm; transformers' image models cast them to the model's dtype too.
-            raw_inputs = pixel_values.to(self.dtype)
+        # float64 data (from numpy) or float32 data for a half-precision model would fail deep inside a matmul or
+        # LayerNorm: float inputs take the model's dtype, as in transformers' image models (token ids stay ids).
+        raw_inputs = _to_dtype(raw_inputs, self.dtype)
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states

@@ -1,0 +1,131 @@
+"""Mixed precision: every head under bf16 (and fp16) autocast on the CPU, and in pure half precision.
+
+What must hold in low precision: outputs finite and close to fp32 (within a tolerance stated relative to the
+output's scale: bf16 keeps 8 bits of mantissa), losses computed in fp32, position features and masks unharmed,
+gradients finite, `Trainer(bf16=True)` training every head. transformers' own Perceiver once crashed in fp16 in
+its Fourier position encoding; here the features are computed in fp32 and cast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from perceiver_tester import HEAD_SPECS, HeadSpec, spec_ids
+
+# bf16 rounds to ~3 significant digits; through a few attention layers the outputs drift by up to a few percent
+# of their scale. The tolerance is relative to the largest fp32 output.
+BF16_RELATIVE_TOLERANCE = 0.05
+FP16_RELATIVE_TOLERANCE = 0.01
+
+
+def outputs_and_loss(spec: HeadSpec, model, inputs, labels):
+    outputs = model(**inputs, labels=labels) if labels is not None else model(**inputs)
+    return spec.main_output(outputs), spec.scalar_loss(outputs)
+
+
+def assert_close_to(reference: torch.Tensor, value: torch.Tensor, relative: float) -> None:
+    assert torch.isfinite(value).all()
+    scale = reference.abs().max().clamp_min(1.0)
+    difference = (value.float() - reference).abs().max()
+    assert difference <= relative * scale, f"max difference {difference:.4f} > {relative} x {scale:.3f}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("spec", HEAD_SPECS, ids=spec_ids(HEAD_SPECS))
+def test_autocast_inference_is_close_to_fp32(spec: HeadSpec, dtype: torch.dtype) -> None:
+    model = spec.build()
+    inputs = spec.inputs(model.config, [7, 4])
+    labels = spec.labels(model.config, inputs)
+    with torch.no_grad():
+        reference, reference_loss = outputs_and_loss(spec, model, inputs, labels)
+        with torch.autocast("cpu", dtype=dtype):
+            value, loss = outputs_and_loss(spec, model, inputs, labels)
+    tolerance = BF16_RELATIVE_TOLERANCE if dtype == torch.bfloat16 else FP16_RELATIVE_TOLERANCE
+    assert_close_to(reference, value, tolerance)
+    if labels is not None:
+        assert loss.dtype == torch.float32  # losses are computed in fp32
+        assert_close_to(reference_loss, loss, tolerance)
+
+
+@pytest.mark.parametrize("spec", HEAD_SPECS, ids=spec_ids(HEAD_SPECS))
+def test_bf16_autocast_training_step(spec: HeadSpec) -> None:
+    model = spec.build().train()
+    inputs = spec.inputs(model.config, [7, 4])
+    labels = spec.labels(model.config, inputs)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = outputs_and_loss(spec, model, inputs, labels)
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+    optimizer.step()
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+    moved = [name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])]
+    assert len(moved) >= 0.8 * len(before)
+
+
+def test_fp16_training_with_loss_scaling() -> None:
+    """fp16 autocast with a gradient scaler (the CPU supports both): finite loss, unscaled finite gradients."""
+    spec = next(s for s in HEAD_SPECS if s.model_class.__name__ == "PerceiverForImageClassification")
+    model = spec.build().train()
+    inputs = spec.inputs(model.config, [1, 1, 1, 1])
+    labels = spec.labels(model.config, inputs)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    losses = []
+    for _ in range(4):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            _, loss = outputs_and_loss(spec, model, inputs, labels)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("spec", HEAD_SPECS, ids=spec_ids(HEAD_SPECS))
+def test_models_run_in_pure_half_precision(spec: HeadSpec, dtype: torch.dtype) -> None:
+    """`model.to(dtype)` (as `from_pretrained(dtype=...)` gives): float inputs are cast to the model's dtype, and
+    position features are computed in fp32 before the cast, so high frequencies stay accurate."""
+    model = spec.build()
+    inputs = spec.inputs(model.config, [7, 4])
+    with torch.no_grad():
+        reference = spec.main_output(model(**inputs))
+        model.to(dtype)
+        value = spec.main_output(model(**inputs))
+    assert value.dtype == dtype
+    assert_close_to(reference, value, 2 * BF16_RELATIVE_TOLERANCE if dtype == torch.bfloat16 else 0.02)
+
+
+@pytest.mark.parametrize("spec", HEAD_SPECS, ids=spec_ids(HEAD_SPECS))
+def test_trainer_trains_every_head_in_bf16(spec: HeadSpec, tmp_path: Path) -> None:
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    model = spec.build(seed=0).train()
+    inputs = spec.inputs(model.config, [5, 3, 4, 2])
+    columns = {**inputs, "labels": spec.labels(model.config, inputs)}
+    if columns["labels"] is None:
+        pytest.skip(f"{spec.id} has no loss from labels: Trainer needs one")
+    dataset = Dataset.from_dict({name: values.tolist() for name, values in columns.items()}).with_format("torch")
+    # The multimodal head takes its modalities as keywords (`**modalities`), which Trainer's column filter cannot
+    # see in the signature: its users keep the columns (as tests/test_multimodal.py does).
+    keep_columns = spec.model_class.__name__ == "PerceiverForMultimodalClassification"
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2, bf16=True,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+        remove_unused_columns=not keep_columns,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset)
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert torch.isfinite(torch.tensor(trainer.evaluate()["eval_loss"]))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
