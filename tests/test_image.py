@@ -597,3 +597,14 @@ def test_config_defaults_keep_old_configs_loading(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(saved))
     loaded = PerceiverConfig.from_pretrained(tmp_path)
     assert loaded.spatial_downsample is None and loaded.image_projection_channels is None
+
+
+def test_script_trains_in_bf16(tmp_path: Path) -> None:
+    """`--mixed_precision bf16` (Accelerate's autocast): training and evaluation stay finite, weights stay fp32."""
+    from safetensors.torch import load_file
+
+    run_script("--max_steps", "3", "--mixed_precision", "bf16", "--output_dir", str(tmp_path))
+    results = json.loads((tmp_path / "eval_results.json").read_text())
+    assert math.isfinite(results["loss"]) and 0.0 <= results["accuracy"] <= 1.0
+    weights = load_file(tmp_path / "model.safetensors")
+    assert all(tensor.dtype == torch.float32 for tensor in weights.values())
