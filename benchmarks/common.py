@@ -5,6 +5,11 @@ Every library is measured on the same synthetic batch, with the same architectur
 (library, workload, architecture) step by step: inference, then training steps (forward + loss +
 backward + AdamW step), with the executed FLOPs counted in untimed runs and the peak RSS read after
 each phase; `measure()` runs all of its steps in a row.
+
+Precision `"bf16"` runs every forward pass (inference, and the training step's forward and loss) under
+`torch.autocast("cpu", dtype=torch.bfloat16)`, the weights, gradients and optimizer state staying fp32: mixed
+precision as Accelerate and `Trainer(bf16=True)` do it. The backward pass runs outside the autocast region, as
+they do; autograd replays the casts.
 """
 
 from __future__ import annotations
@@ -29,15 +34,18 @@ __all__ = [
     "QUICK_WORKLOADS",
     "ARCHITECTURES",
     "QUICK_ARCHITECTURES",
+    "PRECISIONS",
     "make_batch",
     "measure",
     "matmul_gflops",
+    "autocast",
     "rss_bytes",
     "peak_rss_bytes",
 ]
 
 MASK_TOKEN_ID = 4  # ids 0-4 play the special tokens ([PAD] [UNK] [CLS] [SEP] [MASK]) of the WordPiece vocabulary
 MASKING_PROBABILITY = 0.15
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # bf16: autocast over fp32 weights
 
 
 @dataclass(frozen=True)
@@ -165,10 +173,12 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def matmul_gflops(size: int = 2048, seconds: float = 2.0) -> float:
-    """Best fp32 GFLOP/s of a `size` x `size` matmul on this machine with the current thread count."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    out = torch.empty(size, size)
+def matmul_gflops(size: int = 2048, seconds: float = 2.0, precision: str = "fp32") -> float:
+    """Best GFLOP/s of a `size` x `size` matmul in `precision` ("fp32" or "bf16": both operands and the
+    output in that dtype, the kernel that autocast reaches) with the current thread count."""
+    dtype = PRECISIONS[precision]
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    out = torch.empty(size, size, dtype=dtype)
     torch.mm(a, b, out=out)
     best = 0.0
     deadline = time.perf_counter() + seconds
@@ -177,6 +187,13 @@ def matmul_gflops(size: int = 2048, seconds: float = 2.0) -> float:
         torch.mm(a, b, out=out)
         best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
     return best
+
+
+def autocast(precision: str) -> contextlib.AbstractContextManager:
+    """The autocast region of `precision`: bf16 autocast on CPU for "bf16", nothing for "fp32"."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=PRECISIONS[precision])
 
 
 def _register_cpu_flash_attention_flops() -> None:
@@ -207,6 +224,7 @@ class Measurement:
     peak RSS read after it is the inference peak and the one read at the end the training peak; both
     are taken above the RSS before the model was built, so they count weights, gradients, optimizer
     state, activations and allocator overhead, not the imports. FLOPs are counted in untimed runs.
+    `precision` "bf16" runs the forward passes under bf16 autocast (see the module docstring).
     `run.py` drives several of these, one per subprocess, in turn, so that the timed steps of all
     libraries interleave and a change in the machine's load affects them alike.
     """
@@ -217,9 +235,13 @@ class Measurement:
         workload: Workload,
         arch: Architecture,
         count_flops: bool = True,
+        precision: str = "fp32",
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose from {list(PRECISIONS)}")
+        self.precision = precision
         _register_cpu_flash_attention_flops()
-        _warm_up(build, workload, arch)
+        _warm_up(build, workload, arch, precision)
         gc.collect()
         self.baseline = rss_bytes()
         torch.manual_seed(0)
@@ -236,6 +258,7 @@ class Measurement:
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "notes": self.runner.notes,
             "threads": torch.get_num_threads(),
+            "precision": precision,
         }
 
     def _flop_counter(self) -> contextlib.AbstractContextManager:
@@ -245,11 +268,11 @@ class Measurement:
 
     def start_inference(self) -> None:
         self.model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.precision):
             self.runner.infer(self.batch)  # warm-up
 
     def infer(self) -> float:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.precision):
             start = time.perf_counter()
             self.runner.infer(self.batch)
             elapsed = time.perf_counter() - start
@@ -260,15 +283,17 @@ class Measurement:
         gc.collect()
         self.result["infer_peak_bytes"] = peak_rss_bytes() - self.baseline
         if self.count_flops:
-            # Counted after the inference peak is read: FlopCounterMode's module tracker needs grad mode.
-            with self._flop_counter() as counter:
+            # Counted after the inference peak is read, with autograd on: FlopCounterMode's module tracker
+            # fails under no_grad and inference_mode (torch 2.13); the forward runs the same matmuls.
+            with self._flop_counter() as counter, autocast(self.precision):
                 self.runner.infer(self.batch)
             self.result["infer_flops"] = counter.get_total_flops()
             gc.collect()
 
     def _step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.runner.train_loss(self.batch)
+        with autocast(self.precision):
+            loss = self.runner.train_loss(self.batch)
         loss.backward()
         self.optimizer.step()
 
@@ -305,10 +330,11 @@ def measure(
     repeats: int | None = None,
     count_flops: bool = True,
     phases: tuple[str, ...] = ("infer", "train"),
+    precision: str = "fp32",
 ) -> dict:
     """Measure one configuration in this process alone: `repeats` inference runs, then training steps."""
     repeats = repeats or workload.repeats
-    measurement = Measurement(build, workload, arch, count_flops=count_flops)
+    measurement = Measurement(build, workload, arch, count_flops=count_flops, precision=precision)
     if "infer" in phases:
         measurement.start_inference()
         for _ in range(repeats):
@@ -321,9 +347,12 @@ def measure(
     return measurement.finish()
 
 
-def _warm_up(build: Callable[[Workload, Architecture], Runner], workload: Workload, arch: Architecture) -> None:
-    """Run a tiny model of the same library once, so that lazily imported modules and first-call
-    allocations (autograd engine, optimizer, thread pools) are not counted in the measured memory."""
+def _warm_up(
+    build: Callable[[Workload, Architecture], Runner], workload: Workload, arch: Architecture, precision: str = "fp32"
+) -> None:
+    """Run a tiny model of the same library once, in the measured precision, so that lazily imported modules
+    and first-call allocations (autograd engine, optimizer, thread pools, bf16 kernels) are not counted in
+    the measured memory."""
     tiny_arch = QUICK_ARCHITECTURES[arch.name]
     if workload.task == "mlm":
         tiny = replace(workload, batch_size=1, seq_len=16)
@@ -332,9 +361,11 @@ def _warm_up(build: Callable[[Workload, Architecture], Runner], workload: Worklo
     runner = build(tiny, tiny_arch)
     batch = runner.prepare(make_batch(tiny, tiny_arch))
     optimizer = torch.optim.AdamW(runner.model.parameters(), lr=1e-4)
-    runner.train_loss(batch).backward()
+    with autocast(precision):
+        loss = runner.train_loss(batch)
+    loss.backward()
     optimizer.step()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(precision):
         runner.model.eval()
         runner.infer(batch)
     del runner, batch, optimizer

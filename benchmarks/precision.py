@@ -5,6 +5,14 @@ The issue-14 workload: sequence 512, batch 8, 256 x 512 latents, 6 self-attentio
 the FLOPs the step executes (counted by `torch.utils.flop_counter.FlopCounterMode`), and their rate as a fraction
 of the 2048 x 2048 matmul rate of the same precision, measured in the same run.
 
+FLOP counting: `FlopCounterMode` has formulas for the CUDA attention kernels only, so SDPA's CPU flash-attention
+kernels (`_scaled_dot_product_flash_attention_for_cpu` and its backward) would count zero;
+`common._register_cpu_flash_attention_flops` (shared with `run.py`) adds them. The inference step's FLOPs are
+counted on the same forward pass with autograd on: the module tracker of `FlopCounterMode` fails under
+`torch.no_grad()` ("Expected gradient function to be set") and `torch.inference_mode()` in torch 2.13, and
+the model is in eval mode either way and runs the same matmuls, so the count is that of the timed step.
+`benchmarks/run.py --precision fp32,bf16` measures every peer library the same way.
+
     python benchmarks/precision.py                      # prints a Markdown table
     python benchmarks/precision.py --threads 2 --repeats 5 --seq-len 512 --batch-size 8
 """
@@ -18,6 +26,7 @@ import subprocess
 import time
 
 import torch
+from common import _register_cpu_flash_attention_flops  # benchmarks/common.py: run as `python benchmarks/...`
 from torch.utils.flop_counter import FlopCounterMode
 
 from perceiver_hf import PerceiverConfig, PerceiverForMaskedLM
@@ -72,6 +81,7 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=512)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    _register_cpu_flash_attention_flops()  # SDPA's CPU flash kernels, which FlopCounterMode does not count itself
 
     model = build(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -103,8 +113,7 @@ def main() -> None:
             ("inference", infer_step, forward_only, model.eval),
         ):
             mode()
-            # FlopCounterMode's module tracker fails under no_grad in torch 2.13 ("Expected gradient function to be
-            # set"), so inference FLOPs are counted on the same forward with autograd on: the same matmuls.
+            # Inference FLOPs are counted with autograd on (see the module docstring): the same matmuls.
             with FlopCounterMode(display=False) as counter:
                 counted()
             flops = counter.get_total_flops()

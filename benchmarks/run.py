@@ -3,16 +3,26 @@
 ```
 python benchmarks/run.py            # full table (tens of minutes on 2 CPU cores), writes benchmarks/RESULTS.md
 python benchmarks/run.py --quick    # smoke run: tiny models, two small workloads, a few minutes
+python benchmarks/run.py --precision fp32   # fp32 rows only (default: fp32 and bf16 where bf16 is fast)
 ```
 
 Each library runs in its own subprocess (its own peak memory), all libraries of a workload at once,
 and their timed steps go round-robin: inference of each library in turn, repeated, then training steps
 (forward + loss + backward + AdamW step) likewise, so a change in the load of a shared machine hits every
 library alike. Each subprocess also reads its peak RSS and counts the executed FLOPs with
-`torch.utils.flop_counter`. The fp32 matmul rate of the machine (2048 x 2048) is measured in the same
-run, before and after the table, and the best of the two is the denominator of the FLOP utilisation.
+`torch.utils.flop_counter`. The fp32 and bf16 matmul rates of the machine (2048 x 2048) are measured in the
+same run, before and after the table and between the steps of every workload; the best rate of a row's
+precision sampled while its workload ran is the denominator of its FLOP utilisation.
 Each peer is compared with our model built to its architecture (`common.Architecture`): `ours/peer`
 below 1 means we are faster or smaller.
+
+Precisions (`--precision`): fp32, and bf16, where every library's inference and training step run under
+`torch.autocast("cpu", dtype=torch.bfloat16)` with fp32 weights (mixed precision as Accelerate and the Trainer
+do it), on the same batches. By default bf16 is measured only where the machine's bf16 matmul is at least
+`FAST_BF16` times as fast as its fp32 one (bf16 hardware: AVX512-BF16, AMX); elsewhere the report says why and
+has fp32 rows only. A workload's precisions run one after the other, each one round-robin over the libraries
+(running both at once would double the processes held in memory); `ours/peer` compares rows of the same
+precision. A library that fails in a precision is reported with the error's first line.
 
 Besides the table, the full run checks two targets on our model alone: training memory linear in input
 length (a 65,536-token sequence and a 512x512x3 image at batch 1) and `torch.compile(fullgraph=True)` of
@@ -38,7 +48,9 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 RESULT_PREFIX = "BENCHMARK_RESULT: "
 LIBRARIES = ("ours", "transformers", "krasserm", "lucidrains")
-MATMUL_PROBE = "matmul"  # a pseudo-library in the round-robin: samples the machine's fp32 matmul rate
+MATMUL_PROBE = "matmul"  # a pseudo-library in the round-robin: samples the machine's matmul rate
+PRECISIONS = ("fp32", "bf16")
+FAST_BF16 = 1.2  # bf16 is measured by default when its matmul rate is at least this multiple of the fp32 rate
 MODULES = {
     "ours": "bench_ours",
     "transformers": "bench_transformers",
@@ -74,7 +86,7 @@ def _worker(spec: dict) -> dict:
 
     kind = spec["kind"]
     if kind == "matmul":
-        return {"matmul_gflops": matmul_gflops()}
+        return {"matmul_gflops": {precision: matmul_gflops(precision=precision) for precision in PRECISIONS}}
     workload, arch = _spec_workload_arch(spec)
     if kind == "scaling":
         import bench_ours
@@ -106,15 +118,25 @@ def _spec_workload_arch(spec: dict):
 SERVE_COMMANDS = ("start_inference", "infer", "end_inference", "start_training", "train")
 
 
+def _error_line(error: BaseException) -> str:
+    """`Type: first line of the message`: how a failing library is reported in the table."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def _serve(spec: dict) -> None:
-    """Build one library's model, then run the measurement steps that the orchestrator sends on stdin."""
+    """Build one library's model, then run the measurement steps that the orchestrator sends on stdin.
+
+    An exception (a library failing under bf16 autocast, say) is replied as `{"error": ...}` with its first
+    line and the phase it happened in, and ends the worker."""
     _setup_worker(spec["threads"])
     import importlib
 
     from common import Measurement
 
+    precision = spec.get("precision", "fp32")
     if spec["library"] == MATMUL_PROBE:
-        measurement = _MatmulProbe()
+        measurement = _MatmulProbe(precision)
     else:
         workload, arch = _spec_workload_arch(spec)
         module = importlib.import_module(MODULES[spec["library"]])
@@ -122,7 +144,11 @@ def _serve(spec: dict) -> None:
         if reason:
             _reply({"skipped": reason})
             return
-        measurement = Measurement(module.build, workload, arch)
+        try:
+            measurement = Measurement(module.build, workload, arch, precision=precision)
+        except Exception as error:
+            _reply({"error": f"{precision} build: {_error_line(error)}"})
+            return
     _reply({"ready": True})
     for line in sys.stdin:
         command = line.strip()
@@ -131,20 +157,27 @@ def _serve(spec: dict) -> None:
             return
         if command not in SERVE_COMMANDS:
             raise ValueError(f"unknown command {command!r}")
-        _reply({"value": getattr(measurement, command)()})
+        try:
+            value = getattr(measurement, command)()
+        except Exception as error:
+            phase = "inference" if "infer" in command else "training"
+            _reply({"error": f"{precision} {phase}: {_error_line(error)}"})
+            return
+        _reply({"value": value})
 
 
 class _MatmulProbe:
-    """The fp32 rate of a 2048 x 2048 matmul, sampled at every step of the round-robin: the FLOP
-    utilisation of a workload uses the best rate seen while that workload ran."""
+    """The rate of a 2048 x 2048 matmul in one precision, sampled at every step of the round-robin: the
+    FLOP utilisation of a workload uses the best rate seen while that workload ran."""
 
-    def __init__(self) -> None:
+    def __init__(self, precision: str = "fp32") -> None:
+        self.precision = precision
         self.rates: list[float] = []
 
     def _sample(self) -> float:
         from common import matmul_gflops
 
-        rate = matmul_gflops(seconds=0.5)
+        rate = matmul_gflops(seconds=0.5, precision=self.precision)
         self.rates.append(rate)
         return rate
 
@@ -318,6 +351,12 @@ def _measure_side_by_side(specs: list[dict], repeats: int, timeout: float) -> li
     return results
 
 
+def _matmul_rates(base: dict) -> dict[str, float]:
+    """The fp32 and bf16 rates (GFLOP/s) of a 2048 x 2048 matmul, in a subprocess of the run's thread count."""
+    rates = _run_subprocess(base | {"kind": "matmul"}, 120).get("matmul_gflops", {})
+    return {p: rates.get(p, 0.0) for p in PRECISIONS}
+
+
 def _mb(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.0f}"
 
@@ -338,13 +377,17 @@ def _hardware() -> dict:
     import torch
 
     cpu = platform.processor() or platform.machine()
+    flags: list[str] = []
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            info = f.read().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+        flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
     except (OSError, StopIteration):
         pass
     return {
         "cpu": cpu,
+        "bf16_flags": sorted(f for f in flags if "bf16" in f),  # avx512_bf16, amx_bf16: bf16 matmul hardware
         "cores": os.cpu_count(),
         "load_average": os.getloadavg(),
         "python": platform.python_version(),
@@ -364,27 +407,33 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _table(rows: list[dict], matmul: dict[str, float]) -> list[str]:
-    """One markdown table: our row, then each peer with ours/peer ratios (time and peak memory)."""
+def _precision(row: dict) -> str:
+    return row.get("precision", "fp32")
+
+
+def _table(rows: list[dict], matmul: dict[str, dict[str, float]]) -> list[str]:
+    """One markdown table: our row, then each peer with ours/peer ratios (time and peak memory), per precision.
+
+    `matmul[workload][precision]` is the matmul rate (GFLOP/s) that the FLOP utilisation of a row divides by."""
     lines = [
-        "| workload | arch | library | params | train step | inference | train peak MB | infer peak MB "
+        "| workload | arch | precision | library | params | train step | inference | train peak MB | infer peak MB "
         "| train FLOP util | train ours/peer | infer ours/peer | train mem ours/peer | infer mem ours/peer |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    by_key = {(r["workload"], r["arch"], r["library"]): r for r in rows}
+    by_key = {(r["workload"], r["arch"], _precision(r), r["library"]): r for r in rows}
     for r in rows:
-        res = r["result"]
+        res, precision = r["result"], _precision(r)
         if "error" in res or "skipped" in res:
-            lines.append(f"| {r['workload']} | {r['arch']} | {r['library']} | {res.get('error') or res['skipped']} "
-                         "| | | | | | | | | |")  # fmt: skip
+            lines.append(f"| {r['workload']} | {r['arch']} | {precision} | {r['library']} "
+                         f"| {res.get('error') or res['skipped']} | | | | | | | | | |")  # fmt: skip
             continue
         util = "-"
-        rate = matmul.get(r["workload"])
+        rate = matmul.get(r["workload"], {}).get(precision)
         if res.get("train_flops") and res.get("train_s") and rate:
             util = f"{res['train_flops'] / res['train_s'] / 1e9 / rate:.0%}"
         ratios = ["", "", "", ""]
         if r["library"] != "ours":
-            ours = by_key.get((r["workload"], r["arch"], "ours"), {}).get("result", {})
+            ours = by_key.get((r["workload"], r["arch"], precision, "ours"), {}).get("result", {})
             ratios = [
                 _ratio(ours.get("train_s"), res.get("train_s")),
                 _ratio(ours.get("infer_s"), res.get("infer_s")),
@@ -392,7 +441,7 @@ def _table(rows: list[dict], matmul: dict[str, float]) -> list[str]:
                 _ratio(ours.get("infer_peak_bytes"), res.get("infer_peak_bytes")),
             ]
         lines.append(
-            f"| {r['workload']} | {r['arch']} | {r['library']} | {res['parameters'] / 1e6:.2f} M "
+            f"| {r['workload']} | {r['arch']} | {precision} | {r['library']} | {res['parameters'] / 1e6:.2f} M "
             f"| {_seconds(res.get('train_s'))} | {_seconds(res.get('infer_s'))} | {_mb(res.get('train_peak_bytes'))} "
             f"| {_mb(res.get('infer_peak_bytes'))} | {util} | " + " | ".join(ratios) + " |"
         )
@@ -400,16 +449,19 @@ def _table(rows: list[dict], matmul: dict[str, float]) -> list[str]:
 
 
 def _targets(rows: list[dict]) -> list[str]:
-    """Per workload: the worst ours/peer ratio of training time and of peak memory, against the targets."""
+    """Per workload and precision: the worst ours/peer ratio of training time and of peak memory, against the
+    targets. fp32 lines name the workload alone (as before bf16 rows existed), bf16 lines add "(bf16)"."""
     lines = []
-    workloads = dict.fromkeys(r["workload"] for r in rows)
-    for name in workloads:
+    groups = dict.fromkeys((r["workload"], _precision(r)) for r in rows)
+    for name, precision in groups:
         train, memory = [], []
         for r in rows:
-            if r["workload"] != name or r["library"] == "ours" or "train_s" not in r["result"]:
+            if (r["workload"], _precision(r)) != (name, precision) or r["library"] == "ours":
+                continue
+            if "train_s" not in r["result"]:
                 continue
             ours = next((o["result"] for o in rows if o["workload"] == name and o["arch"] == r["arch"]
-                         and o["library"] == "ours"), {})  # fmt: skip
+                         and _precision(o) == precision and o["library"] == "ours"), {})  # fmt: skip
             if "train_s" not in ours:
                 continue
             train.append((ours["train_s"] / r["result"]["train_s"], r["library"]))
@@ -417,12 +469,66 @@ def _targets(rows: list[dict]) -> list[str]:
         if not train:
             continue
         worst_t, worst_m = max(train), max(memory)
+        label = name if precision == "fp32" else f"{name} ({precision})"
         lines.append(
-            f"- {name}: train time ours/peer <= {worst_t[0]:.2f} (worst: {worst_t[1]}; target {TARGET_TRAIN_RATIO}: "
+            f"- {label}: train time ours/peer <= {worst_t[0]:.2f} (worst: {worst_t[1]}; target {TARGET_TRAIN_RATIO}: "
             f"{'met' if worst_t[0] <= TARGET_TRAIN_RATIO else 'missed'}); train peak memory ours/peer <= "
             f"{worst_m[0]:.2f} (worst: {worst_m[1]}; target 1.0: {'met' if worst_m[0] <= 1.0 else 'missed'})"
         )
     return lines
+
+
+def _bf16_against_fp32(rows: list[dict]) -> list[str]:
+    """Per library: the fp32 time over the bf16 time (the bf16 speed-up) and the bf16 peak memory over fp32's."""
+    fp32 = {(r["workload"], r["arch"], r["library"]): r["result"] for r in rows if _precision(r) == "fp32"}
+    lines = []
+    for r in rows:
+        if _precision(r) != "bf16":
+            continue
+        base, res = fp32.get((r["workload"], r["arch"], r["library"]), {}), r["result"]
+        if "train_s" not in res or "train_s" not in base:
+            continue
+        lines.append(
+            f"| {r['workload']} | {r['arch']} | {r['library']} | {_ratio(base['train_s'], res['train_s'])} "
+            f"| {_ratio(base['infer_s'], res['infer_s'])} "
+            f"| {_ratio(res['train_peak_bytes'], base['train_peak_bytes'])} "
+            f"| {_ratio(res['infer_peak_bytes'], base['infer_peak_bytes'])} |"
+        )
+    if not lines:
+        return []
+    return [
+        "",
+        "## bf16 autocast against fp32 (same library and architecture)",
+        "",
+        "Speed-up = fp32 time / bf16 time (above 1: bf16 is faster); memory = bf16 peak / fp32 peak. The two "
+        "precisions of a workload run one after the other, not interleaved, so these are noisier than ours/peer.",
+        "",
+        "| workload | arch | library | train speed-up | infer speed-up | train mem bf16/fp32 | infer mem bf16/fp32 |",
+        "|---|---|---|--:|--:|--:|--:|",
+        *lines,
+    ]
+
+
+def _choose_precisions(requested: str | None, rates: dict[str, float]) -> tuple[list[str], str]:
+    """The precisions to measure and the report's line saying why: `requested` (comma-separated) if given, else
+    fp32 and bf16 where the bf16 matmul rate is at least `FAST_BF16` times the fp32 rate, else fp32 alone."""
+    fp32, bf16 = rates.get("fp32", 0.0), rates.get("bf16", 0.0)
+    speedup = f"bf16 matmul {bf16:.0f} GFLOP/s = {bf16 / fp32:.2f}x fp32 {fp32:.0f} GFLOP/s" if fp32 else "no rate"
+    fast = bool(fp32) and bf16 >= FAST_BF16 * fp32
+    if requested:
+        precisions = [p for p in PRECISIONS if p in requested.split(",")]
+        why = f"as requested (--precision {requested})"
+        if "bf16" in precisions and not fast:
+            why += f"; this machine has no fast bf16 matmul ({speedup}), so bf16 autocast can only be slower"
+        return precisions, f"{' and '.join(precisions)}, {why}."
+    if fast:
+        return ["fp32", "bf16"], (
+            f"fp32 and bf16 autocast: this machine has a fast bf16 matmul ({speedup}, at least {FAST_BF16}x)."
+        )
+    return ["fp32"], (
+        f"fp32 only: this machine has no fast bf16 matmul ({speedup}, below {FAST_BF16}x: the bf16 rate is not "
+        "above the fp32 rate), so bf16 autocast would only add casts; `--precision fp32,bf16` measures it anyway."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -432,6 +538,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--libraries", default=",".join(LIBRARIES), help=f"comma-separated subset of {LIBRARIES}")
     parser.add_argument("--repeats", type=int, help="timed repeats per phase (default: per workload)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument(
+        "--precision",
+        help=f"comma-separated subset of {PRECISIONS}; bf16 = bf16 autocast over fp32 weights (default: both where "
+        f"the bf16 matmul rate is at least {FAST_BF16}x the fp32 rate, else fp32)",
+    )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per subprocess step")
     parser.add_argument("--skip-table", action="store_true", help="skip the side-by-side table")
     parser.add_argument("--skip-scaling", action="store_true", help="skip the long-input memory check")
@@ -466,6 +577,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--libraries: unknown {unknown}; choose from {list(LIBRARIES)}")
     if "ours" not in libraries:
         libraries.insert(0, "ours")
+    if args.precision:
+        unknown = sorted(set(args.precision.split(",")) - set(PRECISIONS))
+        if unknown:
+            parser.error(f"--precision: unknown {unknown}; choose from {list(PRECISIONS)}")
     peer_of = {"ours": ("gelu", "geglu"), "transformers": ("gelu",), "krasserm": ("gelu",), "lucidrains": ("geglu",)}
 
     started = time.time()
@@ -473,25 +588,35 @@ def main(argv: list[str] | None = None) -> None:
     hardware = _hardware()
     print(f"# {hardware['cpu']}, {hardware['cores']} cores, torch {hardware['torch']}, {args.threads} threads, "
           f"load average {hardware['load_average'][0]:.1f}", flush=True)  # fmt: skip
-    matmul = [_run_subprocess(base | {"kind": "matmul"}, 120).get("matmul_gflops", 0.0)]
-    print(f"# fp32 matmul 2048x2048: {matmul[0]:.0f} GFLOP/s", flush=True)
+    matmul = {p: [rate] for p, rate in _matmul_rates(base).items()}
+    print(f"# matmul 2048x2048: fp32 {matmul['fp32'][0]:.0f} GFLOP/s, bf16 {matmul['bf16'][0]:.0f} GFLOP/s; "
+          f"CPU bf16 flags: {', '.join(hardware['bf16_flags']) or 'none'}", flush=True)  # fmt: skip
+    precisions, precision_note = _choose_precisions(args.precision, {p: r[0] for p, r in matmul.items()})
+    print(f"# precision: {precision_note}", flush=True)
 
     rows = []
-    matmul_by_workload: dict[str, float] = {}
-    for wname, workload in {} if args.skip_table else workloads.items():
+    matmul_by_workload: dict[str, dict[str, float]] = {}
+    for (wname, workload), precision in (
+        [] if args.skip_table else [(w, p) for w in workloads.items() for p in precisions]
+    ):
         keys = []
         for aname in architectures:
             if aname != "gelu" and not any(aname in peer_of[lib] for lib in libraries if lib != "ours"):
                 continue  # our model in an architecture that no requested peer uses
             keys += [(aname, library) for library in libraries if aname in peer_of[library]]
-        specs = [base | {"library": library, "arch": aname, "workload": asdict(workload)} for aname, library in keys]
+        specs = [base | {"library": library, "arch": aname, "workload": asdict(workload), "precision": precision}
+                 for aname, library in keys]  # fmt: skip
         *results, probe = _measure_side_by_side(
-            [*specs, base | {"library": MATMUL_PROBE}], args.repeats or workload.repeats, args.timeout
+            [*specs, base | {"library": MATMUL_PROBE, "precision": precision}],
+            args.repeats or workload.repeats,
+            args.timeout,
         )
-        matmul_by_workload[wname] = probe.get("matmul_gflops", 0.0)
-        print(f"{wname:>14} fp32 matmul: {matmul_by_workload[wname]:.0f} GFLOP/s (best while it ran)", flush=True)
+        rate = matmul_by_workload.setdefault(wname, {})[precision] = probe.get("matmul_gflops", 0.0)
+        print(f"{wname:>14} {precision} matmul: {rate:.0f} GFLOP/s (best while it ran)", flush=True)
         for (aname, library), result in zip(keys, results, strict=True):
-            rows.append({"workload": wname, "arch": aname, "library": library, "result": result})
+            rows.append(
+                {"workload": wname, "arch": aname, "precision": precision, "library": library, "result": result}
+            )
             summary = (
                 result.get("error")
                 or result.get("skipped")
@@ -500,7 +625,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"train peak {_mb(result['train_peak_bytes'])} MB"
                 )
             )
-            print(f"{wname:>14} {aname:>5} {library:>12}: {summary}", flush=True)
+            print(f"{wname:>14} {aname:>5} {precision} {library:>12}: {summary}", flush=True)
 
     extra: list[str] = []
     raw: dict = {"rows": rows}
@@ -576,22 +701,32 @@ def main(argv: list[str] | None = None) -> None:
             extra.append(line)
             print(line, flush=True)
 
-    matmul.append(_run_subprocess(base | {"kind": "matmul"}, 120).get("matmul_gflops", 0.0))
+    for p, rate in _matmul_rates(base).items():
+        matmul[p].append(rate)
     elapsed = time.time() - started
 
+    workload_rates = [
+        f"{p}: " + ", ".join(f"{k} {v[p]:.0f}" for k, v in matmul_by_workload.items() if p in v) for p in precisions
+    ]
     command = "python benchmarks/run.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
     report = [
         "# Benchmark results",
         "",
         f"Command: `{command}` ({elapsed / 60:.0f} min, {time.strftime('%Y-%m-%d %H:%M %Z')})",
         "",
-        f"Hardware: {hardware['cpu']}, {hardware['cores']} cores, {args.threads} torch threads, fp32; load average "
+        f"Hardware: {hardware['cpu']}, {hardware['cores']} cores, {args.threads} torch threads, "
+        f"{' and '.join(precisions)}; load average "
         f"at start {hardware['load_average'][0]:.1f} (the machine is shared, so absolute times are noisy; the "
-        "ratios come from runs taken side by side). fp32 matmul 2048x2048: "
-        f"{' / '.join(f'{m:.0f}' for m in matmul)} GFLOP/s at the start / end; the FLOP utilisation of a workload "
-        "uses the best rate sampled between its steps ("
-        + ", ".join(f"{k} {v:.0f}" for k, v in matmul_by_workload.items())
+        "ratios come from runs taken side by side). "
+        + "; ".join(f"{p} matmul 2048x2048: {' / '.join(f'{m:.0f}' for m in matmul[p])} GFLOP/s" for p in PRECISIONS)
+        + f" at the start / end (CPU bf16 flags: {', '.join(hardware['bf16_flags']) or 'none'}); the FLOP "
+        "utilisation of a workload uses the best rate of its precision sampled between its steps ("
+        + "; ".join(workload_rates)
         + " GFLOP/s).",
+        "",
+        f"Precision: {precision_note} bf16 rows run each library's inference and training step under "
+        '`torch.autocast("cpu", dtype=torch.bfloat16)`, weights, gradients and optimizer state in fp32 (mixed '
+        "precision as Accelerate and the Trainer do it), on the same batches as the fp32 rows.",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in _versions().items()),
         "",
@@ -601,14 +736,16 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "Times are the best of the rounds (other processes only ever add time); peak MB is the process's "
         "peak RSS above its RSS before the model was built. "
-        "FLOP utilisation = executed FLOPs of a training step / step time / fp32 matmul rate. "
-        "`ours/peer` < 1: ours is faster or smaller.",
+        "FLOP utilisation = executed FLOPs of a training step / step time / matmul rate of the row's precision "
+        "(bf16 rows: the bf16 rate; FLOPs are counted alike in both precisions). "
+        "`ours/peer` < 1: ours is faster or smaller, against the peer's row of the same precision.",
         "",
         *_table(rows, matmul_by_workload),
         "",
         f"Targets (ours/peer over every peer; training time <= {TARGET_TRAIN_RATIO}, memory <= 1.0):",
         "",
         *_targets(rows),
+        *_bf16_against_fp32(rows),
         *extra,
     ]
     notes = sorted({f"{r['library']}: {note}" for r in rows for note in r["result"].get("notes", [])})
@@ -622,7 +759,8 @@ def main(argv: list[str] | None = None) -> None:
         output.write_text(text)
         print(f"wrote {output}")
     if args.json:
-        raw |= {"matmul_gflops": matmul, "matmul_by_workload": matmul_by_workload, "hardware": hardware}
+        raw |= {"matmul_gflops": matmul, "matmul_by_workload": matmul_by_workload, "hardware": hardware,
+                "precisions": precisions, "precision_note": precision_note}  # fmt: skip
         args.json.write_text(json.dumps(raw, indent=1))
 
 
