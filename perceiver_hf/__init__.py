@@ -12,11 +12,13 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForAudioClassification,
+    AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     AutoProcessor,
 )
+from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import is_vision_available
 from transformers.utils import logging as transformers_logging
 
@@ -30,8 +32,10 @@ from .adapters import (
     TextOutputAdapter,
 )
 from .adapters_audio import AudioInputAdapter
-from .adapters_multimodal import ModalitySpec, MultimodalInputAdapter
+from .adapters_flow import FlowInputAdapter
+from .adapters_multimodal import AutoencodingOutputSpec, ModalitySpec, MultimodalInputAdapter
 from .configuration_perceiver import PerceiverConfig
+from .configuration_perceiver_ar import PerceiverARConfig
 from .feature_extraction_perceiver import PerceiverFeatureExtractor
 from .image_processing_perceiver import PerceiverImageProcessor
 from .modeling_multimodal import (
@@ -40,6 +44,12 @@ from .modeling_multimodal import (
     PerceiverForMultimodalClassification,
     PerceiverMultimodalClassifierOutput,
 )
+from .modeling_multimodal_autoencoding import (
+    AutoModelForMultimodalAutoencoding,
+    PerceiverForMultimodalAutoencoding,
+    PerceiverMultimodalAutoencodingOutput,
+)
+from .modeling_optical_flow import AutoModelForOpticalFlow, PerceiverForOpticalFlow, PerceiverOpticalFlowOutput
 from .modeling_perceiver import (
     PerceiverAttention,
     PerceiverClassifierOutput,
@@ -57,7 +67,16 @@ from .modeling_perceiver import (
     PerceiverSelfAttentionLayer,
     input_adapter_from_config,
 )
+from .modeling_perceiver_ar import (
+    PerceiverARForCausalLM,
+    PerceiverARModel,
+    PerceiverARModelOutput,
+    PerceiverARPreTrainedModel,
+)
+from .pipeline_optical_flow import OpticalFlowPipeline
 from .position_encoding import FourierPositionEncoding, LearnedPositionEncoding, fourier_features
+from .processing_multimodal_autoencoding import PerceiverMultimodalAutoencodingProcessor
+from .processing_optical_flow import PerceiverOpticalFlowProcessor, flow_to_color
 from .processing_perceiver import PerceiverProcessor
 from .tokenization_perceiver import train_wordpiece_tokenizer
 
@@ -97,6 +116,21 @@ finally:
 # `auto_map` so the code is saved with the model (`register_for_auto_class` only accepts transformers' names).
 AutoModelForMultimodalClassification.register(PerceiverConfig, PerceiverForMultimodalClassification, exist_ok=True)
 PerceiverForMultimodalClassification._auto_class = AutoModelForMultimodalClassification.__name__
+# Multimodal autoencoding: its own Auto class, built the same way (`AutoModel` keeps loading the bare encoder).
+AutoModelForMultimodalAutoencoding.register(PerceiverConfig, PerceiverForMultimodalAutoencoding, exist_ok=True)
+PerceiverForMultimodalAutoencoding._auto_class = AutoModelForMultimodalAutoencoding.__name__
+# Optical flow has no transformers Auto class either: `AutoModelForOpticalFlow` is built the same way.
+AutoModelForOpticalFlow.register(PerceiverConfig, PerceiverForOpticalFlow, exist_ok=True)
+PerceiverForOpticalFlow._auto_class = AutoModelForOpticalFlow.__name__
+PIPELINE_REGISTRY.register_pipeline(
+    "optical-flow", pipeline_class=OpticalFlowPipeline, pt_model=AutoModelForOpticalFlow, type="image"
+)
+# Perceiver AR has its own config (`model_type="perceiver_ar"`) and loads through AutoModel / AutoModelForCausalLM.
+AutoConfig.register(PerceiverARConfig.model_type, PerceiverARConfig, exist_ok=True)
+PerceiverARConfig.register_for_auto_class()
+for _auto_class, _model_class in ((AutoModel, PerceiverARModel), (AutoModelForCausalLM, PerceiverARForCausalLM)):
+    _auto_class.register(PerceiverARConfig, _model_class, exist_ok=True)
+    _model_class.register_for_auto_class(_auto_class.__name__)
 AutoFeatureExtractor.register(PerceiverConfig, PerceiverFeatureExtractor, exist_ok=True)
 AutoProcessor.register(PerceiverConfig, PerceiverProcessor, exist_ok=True)
 # No `register_for_auto_class` for the image processor: with an `auto_map` in preprocessor_config.json,
@@ -117,6 +151,23 @@ __all__ = [
     "PerceiverForMultimodalClassification",
     "PerceiverMultimodalClassifierOutput",
     "AutoModelForMultimodalClassification",
+    "PerceiverForMultimodalAutoencoding",
+    "PerceiverMultimodalAutoencodingOutput",
+    "AutoModelForMultimodalAutoencoding",
+    "AutoencodingOutputSpec",
+    "PerceiverMultimodalAutoencodingProcessor",
+    "PerceiverForOpticalFlow",
+    "PerceiverOpticalFlowOutput",
+    "AutoModelForOpticalFlow",
+    "FlowInputAdapter",
+    "PerceiverOpticalFlowProcessor",
+    "OpticalFlowPipeline",
+    "flow_to_color",
+    "PerceiverARConfig",
+    "PerceiverARPreTrainedModel",
+    "PerceiverARModel",
+    "PerceiverARModelOutput",
+    "PerceiverARForCausalLM",
     "PerceiverEncoder",
     "PerceiverDecoder",
     "PerceiverDecoderOutput",

@@ -16,7 +16,8 @@ from transformers import PretrainedConfig
 
 from .adapters import ImageInputAdapter, InputAdapter, TextInputAdapter, _require_choice, _require_positive_int
 from .adapters_audio import AudioInputAdapter
-from .adapters_multimodal import MultimodalInputAdapter
+from .adapters_flow import FlowInputAdapter
+from .adapters_multimodal import MultimodalInputAdapter, validate_autoencoding_outputs
 
 __all__ = [
     "PerceiverConfig",
@@ -39,6 +40,7 @@ INPUT_ADAPTERS: dict[str, type[InputAdapter] | None] = {
     "image": ImageInputAdapter,
     "audio": AudioInputAdapter,
     "multimodal": MultimodalInputAdapter,
+    "flow": FlowInputAdapter,
 }
 _NO_ADAPTER_SETTINGS = {"num_input_channels": 256}
 
@@ -98,8 +100,9 @@ class PerceiverConfig(PretrainedConfig):
     Args:
         input_adapter (`str`, *optional*, defaults to `"text"`):
             Which input adapter maps raw inputs to `(batch, positions, channels)`: `"text"`, `"image"`,
-            `"audio"` (raw waveforms), `"multimodal"` (a dict of the modalities declared in `modalities`) or
-            `"none"` (adapted inputs `(batch, positions, num_input_channels)` given as `inputs_embeds`).
+            `"audio"` (raw waveforms), `"flow"` (optical flow: frame pairs), `"multimodal"` (a dict of the
+            modalities declared in `modalities`) or `"none"` (adapted inputs `(batch, positions,
+            num_input_channels)` given as `inputs_embeds`).
         input_adapter_config (`dict`, *optional*):
             The adapter's settings, below (its class's `config_settings` are the defaults). They may also be given
             as keyword arguments, and read and write as attributes (`config.vocab_size`); another adapter's
@@ -115,9 +118,9 @@ class PerceiverConfig(PretrainedConfig):
         image_size (`list[int]`, *optional*, defaults to `[224, 224]`):
             Image: configured `(height, width)`. Fourier-feature models also accept other sizes.
         num_channels (`int`, *optional*, defaults to 3):
-            Image: number of pixel channels.
+            Image and flow: number of pixel channels.
         num_frequency_bands (`int`, *optional*, defaults to 64):
-            Image and audio: Fourier frequency bands per spatial (or time) axis.
+            Image, audio and flow: Fourier frequency bands per spatial (or time) axis.
         max_frequency (`float`, *optional*):
             Image and audio: highest Fourier frequency (Nyquist frequency of the configured size, or of the
             `max_audio_samples` grid, when `None`).
@@ -157,10 +160,30 @@ class PerceiverConfig(PretrainedConfig):
             spectrum, `audio_patch_size // 2 + 1` bins per channel).
         sampling_rate (`int`, *optional*, defaults to 16000):
             Audio: sampling rate the model expects (the feature extractor checks it).
+        flow_image_size (`list[int]`, *optional*, defaults to `[368, 496]`):
+            Flow: the training size `(height, width)` (DeepMind's: 368 x 496): the default resolution of the
+            Fourier frequencies and the processor's tile size. Frame pairs of any size are accepted.
+        flow_patch_size (`int`, *optional*, defaults to 3):
+            Flow: side of the patch around each pixel whose values (of both frames) make the pixel's features.
+        flow_max_frequencies (`list[float]`, *optional*):
+            Flow: resolution per axis whose Nyquist frequency is the highest Fourier frequency (`None`:
+            `flow_image_size`, as DeepMind's). `num_frequency_bands` (default 64) sets the bands per axis.
+        flow_projection_channels (`int`, *optional*, defaults to 64):
+            Flow: width of the linear layer applied to each pixel's patches (DeepMind's convolution after
+            patching); `None`: the patches themselves.
+        flow_rescale_factor (`float`, *optional*, defaults to 100.0):
+            Flow: the decoder's output is divided by this (DeepMind's output rescaling), so a network of unit-scale
+            activations predicts flows of a few pixels.
         modalities (`list[dict]`, *optional*):
             Multimodal: the modalities, each a plain dict with `name`, `channels`, `num_axes`, `num_freq_bands`,
             `max_freq` and optionally `vocab_size` (token ids embedded to `channels`), `split_across_layers`,
-            `max_length` and `patch_size`; see `perceiver_hf.adapters_multimodal.ModalitySpec`.
+            `max_length` and `patch_size`, and for autoencoding per-axis `max_freq` / `patch_size` lists, `one_hot`,
+            `mask_token` and `mask_prob`; see `perceiver_hf.adapters_multimodal.ModalitySpec`.
+        modality_encoding (`str`, *optional*, defaults to `"add"`):
+            Multimodal: `"add"` (zero-pad each modality to the common width, add a learned modality embedding) or
+            `"concat"` (pad each modality with its own learned vector, as DeepMind's multimodal preprocessor).
+        modality_padding (`int`, *optional*, defaults to 0):
+            Multimodal, `"concat"`: learned padding channels that even the widest modality gets (at least 1).
         pooling (`str`, *optional*, defaults to `"decoder"`):
             Multimodal classification: how latents feed the task heads: `"decoder"` (learned queries cross-attend
             to the latents), `"mean"` (mean over latents), `"latents"` (latent `i` feeds task head `i`) or
@@ -168,6 +191,19 @@ class PerceiverConfig(PretrainedConfig):
         task_num_labels (`list[int]`, *optional*):
             Multimodal classification: classes of each task head (several tasks); `None`: one task of
             `num_labels` classes.
+        autoencoding_outputs (`list[dict]`, *optional*):
+            Multimodal autoencoding: the modalities to reconstruct, each a plain dict with `name` (an input
+            modality), for continuous ones `shape` (output size per axis) and optionally `patch_size` (values per
+            query and axis), `num_freq_bands` / `max_freq` (the queries' Fourier features; default: the input's),
+            for one-hot ones `query_channels` (width of the learned query), and `loss_weight` (default 1.0: the
+            total loss is the weighted sum of the modalities' losses). See
+            `perceiver_hf.adapters_multimodal.AutoencodingOutputSpec`.
+        autoencoding_query_padding (`int`, *optional*, defaults to 2):
+            Multimodal autoencoding: learned padding channels of the widest modality's queries (every modality's
+            queries are padded to a common width with a learned per-modality vector).
+        autoencoding_output_channels (`int`, *optional*):
+            Multimodal autoencoding: width of the decoder's shared output projection (DeepMind: 512) before the
+            per-modality output layers; `None`: the query width.
         num_latents (`int`, *optional*, defaults to 256):
             Number of latent vectors.
         d_latents (`int`, *optional*, defaults to 512):
@@ -256,6 +292,10 @@ class PerceiverConfig(PretrainedConfig):
         # multimodal classification
         pooling: str = "decoder",
         task_num_labels: list[int] | None = None,
+        # multimodal autoencoding
+        autoencoding_outputs: list[dict[str, Any]] | None = None,
+        autoencoding_query_padding: int = 2,
+        autoencoding_output_channels: int | None = None,
         # encoder
         num_latents: int = 256,
         d_latents: int = 512,
@@ -336,6 +376,9 @@ class PerceiverConfig(PretrainedConfig):
         self.input_adapter = input_adapter
         self.pooling = pooling
         self.task_num_labels = None if task_num_labels is None else list(task_num_labels)
+        self.autoencoding_outputs = None if autoencoding_outputs is None else [dict(o) for o in autoencoding_outputs]
+        self.autoencoding_query_padding = autoencoding_query_padding
+        self.autoencoding_output_channels = autoencoding_output_channels
         self.num_latents = num_latents
         self.d_latents = d_latents
         self.num_cross_attention_layers = num_cross_attention_layers
@@ -575,3 +618,19 @@ class PerceiverConfig(PretrainedConfig):
                     f"pooling='latents' feeds one latent per task: {len(self.task_num_labels)} tasks "
                     f"(task_num_labels) need at most num_latents ({self.num_latents}) latents"
                 )
+        positive_int("autoencoding_output_channels", optional=True)
+        if (
+            isinstance(self.autoencoding_query_padding, bool)
+            or not isinstance(self.autoencoding_query_padding, int)
+            or self.autoencoding_query_padding < 0
+        ):
+            raise ValueError(
+                f"autoencoding_query_padding ({self.autoencoding_query_padding!r}) must be an integer >= 0"
+            )
+        if self.autoencoding_outputs is not None:
+            if self.input_adapter != "multimodal":
+                raise ValueError(
+                    f"autoencoding_outputs needs input_adapter='multimodal' (the modalities it reconstructs), "
+                    f"got input_adapter={self.input_adapter!r}"
+                )
+            validate_autoencoding_outputs(self.autoencoding_outputs, self.modalities)

@@ -17,7 +17,14 @@ Supported transformers classes (and DeepMind's checkpoints of them):
 - `PerceiverForImageClassificationConvProcessing` (`deepmind/vision-perceiver-conv`: conv + max-pool stem,
   Fourier features of the 4x downsampled grid) -> `PerceiverForImageClassification` with "conv"
   preprocessing and `image_conv_padding="transformers"` (transformers pads the stem differently from
-  DeepMind's TensorFlow "SAME" padding: 224 pixels give 55x55 positions, not 56x56; see `ConvDownsample`).
+  DeepMind's TensorFlow "SAME" padding: 224 pixels give 55x55 positions, not 56x56; see `ConvDownsample`);
+- `PerceiverForOpticalFlow` (`deepmind/optical-flow-perceiver`: 3 x 3 patches of two frames, a linear layer,
+  Fourier features; the decoder queried by the input features) -> `PerceiverForOpticalFlow` (`input_adapter="flow"`),
+  with a `PerceiverOpticalFlowProcessor` (frames to [-1, 1], tiles of the training size, flow x 20).
+- `PerceiverForMultimodalAutoencoding` (`deepmind/multimodal-perceiver`: Kinetics video, audio and label) ->
+  `PerceiverForMultimodalAutoencoding` (the multimodal adapter with `modality_encoding="concat"`, mask tokens and
+  `autoencoding_outputs`), with a `PerceiverMultimodalAutoencodingProcessor`; reconstructions equal transformers' on
+  the same subsampled output points.
 
 The image classifiers come with a `PerceiverImageProcessor` that feeds them like transformers' own
 processor does for DeepMind's ImageNet checkpoints: center crop of 224/256 of the shorter side, bicubic
@@ -50,11 +57,13 @@ from torch import nn
 
 from .configuration_perceiver import PerceiverConfig
 from .image_processing_perceiver import PerceiverImageProcessor, PILImageResampling  # (Pillow's, or a stand-in)
+from .modeling_optical_flow import PerceiverForOpticalFlow
 from .modeling_perceiver import (
     PerceiverForImageClassification,
     PerceiverForMaskedLM,
     PerceiverPreTrainedModel,
 )
+from .processing_optical_flow import PerceiverOpticalFlowProcessor
 
 __all__ = ["convert_transformers_perceiver", "ConversionError", "main"]
 
@@ -338,6 +347,211 @@ def _convert_image_classifier(hf_model: nn.Module):
     return model, image_processor
 
 
+def _convert_optical_flow(hf_model: nn.Module):
+    """transformers' `PerceiverForOpticalFlow` (`deepmind/optical-flow-perceiver`) -> `PerceiverForOpticalFlow`.
+
+    transformers' model takes the 3 x 3 patches of both frames, `(B, 2, 27, H, W)`, extracted by the caller; ours
+    takes them the same way (`inputs=`) or extracts them itself from the frames (`pixel_values=`). The processor
+    scales frames to [-1, 1] and multiplies the model's flow by 20 (DeepMind's `FLOW_SCALE_FACTOR`: the checkpoint
+    predicts flow / 20 after its output rescaling by 100).
+    """
+    state = dict(hf_model.state_dict())
+    c = hf_model.config
+    fields, mapping = _encoder_config_and_mapping(hf_model, state)
+    num_input_channels = fields.pop("_num_input_channels")
+    preprocessor = hf_model.perceiver.input_preprocessor
+    flow_decoder = hf_model.perceiver.decoder
+    _require(preprocessor.prep_type == "patches", "prep_type", preprocessor.prep_type, "'patches'")
+    _require(
+        preprocessor.spatial_downsample == 1 and preprocessor.temporal_downsample == 2,
+        "spatial_downsample, temporal_downsample",
+        (preprocessor.spatial_downsample, preprocessor.temporal_downsample),
+        "(1, 2): one pixel of two frames",
+    )
+    _require(
+        preprocessor.concat_or_add_pos == "concat", "concat_or_add_pos", preprocessor.concat_or_add_pos, "'concat'"
+    )
+    position_encoding = preprocessor.position_embeddings
+    _require(preprocessor.position_encoding_type == "fourier" and position_encoding.concat_pos
+             and not position_encoding.sine_only, "position_encoding",
+             {"type": preprocessor.position_encoding_type, "concat_pos": getattr(position_encoding, "concat_pos", None),
+              "sine_only": getattr(position_encoding, "sine_only", None)},
+             "Fourier features with concat_pos=True, sine_only=False")  # fmt: skip
+    _require(isinstance(preprocessor.positions_projection, nn.Identity), "project_pos_dim",
+             preprocessor.project_pos_dim, "-1 (no projection)")  # fmt: skip
+    projection = preprocessor.conv_after_patches
+    patch_channels = projection.in_features if isinstance(projection, nn.Linear) else None
+    per_frame = (patch_channels or num_input_channels - position_encoding.output_size()) // 2
+    _require(per_frame == 27, "conv_after_patching_in_channels", 2 * per_frame,
+             "54: 3 x 3 patches of 3 channels per frame")  # fmt: skip
+    train_size = [int(n) for n in c.train_size]
+    fields |= _decoder_fields("perceiver.decoder.decoder", flow_decoder.decoder, state)
+    config = PerceiverConfig(
+        input_adapter="flow",
+        flow_image_size=train_size,
+        num_channels=3,
+        flow_patch_size=3,
+        num_frequency_bands=position_encoding.num_bands,
+        flow_max_frequencies=[float(n) for n in position_encoding.max_resolution],
+        flow_projection_channels=projection.out_features if patch_channels else None,
+        flow_rescale_factor=float(flow_decoder.rescale_factor),
+        **fields,
+    )
+    ours = "perceiver.encoder.input_adapter"
+    if patch_channels:
+        for kind in ("weight", "bias"):
+            mapping[f"perceiver.input_preprocessor.conv_after_patches.{kind}"] = f"{ours}.projection.{kind}"
+    mapping |= _layer_mapping(
+        "perceiver.decoder.decoder.decoding_cross_attention", "flow_decoder.cross_attention", True
+    )
+    for kind in ("weight", "bias"):
+        mapping[f"perceiver.decoder.decoder.final_layer.{kind}"] = f"flow_decoder.output_adapter.linear.{kind}"
+    model = PerceiverForOpticalFlow(config)
+    _load_mapped(model, state, mapping)
+    processor = PerceiverOpticalFlowProcessor(
+        tile_size=train_size, min_overlap=min(20, min(train_size) // 2), flow_scale_factor=20.0
+    )
+    return model, processor
+
+
+def _fourier_kwargs(encoding: nn.Module, where: str) -> tuple[int, list[float]]:
+    """(num_bands, max_resolution) of a transformers `PerceiverFourierPositionEncoding` with DeepMind's defaults."""
+    _require(type(encoding).__name__ == "PerceiverFourierPositionEncoding" and encoding.concat_pos
+             and not encoding.sine_only, f"{where} position encoding",
+             {"type": type(encoding).__name__, "concat_pos": getattr(encoding, "concat_pos", None),
+              "sine_only": getattr(encoding, "sine_only", None)},
+             "Fourier features with concat_pos=True, sine_only=False")  # fmt: skip
+    return encoding.num_bands, [float(r) for r in encoding.max_resolution]
+
+
+def _convert_multimodal_autoencoding(hf_model: nn.Module):
+    """transformers' `PerceiverForMultimodalAutoencoding` (`deepmind/multimodal-perceiver`: video, audio and label of
+    Kinetics) -> `PerceiverForMultimodalAutoencoding`, with a `PerceiverMultimodalAutoencodingProcessor`.
+
+    Inputs: the modalities "audio" (sample patches), "image" (video frames as space-time patches) and "label"
+    (a one-hot vector), each with its Fourier features (none for the label), padded with a learned per-modality vector
+    (`modality_encoding="concat"`, transformers' `min_padding_size`); every modality has a learned mask token, and
+    transformers always masks the label (`mask_probs`): the converted model masks it when it is left out of the
+    inputs (or with `masked={"label": True}`), and in training with probability `mask_prob`. Queries: Fourier
+    features of the output points (video: every pixel; audio: every patch) and a learned label query, padded with a
+    learned per-modality vector. transformers decodes subsampled points only (its full-grid queries are malformed);
+    `output_points` here takes the same indices as its `subsampled_output_points`.
+    """
+    from .modeling_multimodal_autoencoding import PerceiverForMultimodalAutoencoding
+    from .processing_multimodal_autoencoding import PerceiverMultimodalAutoencodingProcessor
+
+    state = dict(hf_model.state_dict())
+    c = hf_model.config
+    fields, mapping = _encoder_config_and_mapping(hf_model, state)
+    fields.pop("_num_input_channels")
+    preprocessor = hf_model.perceiver.input_preprocessor
+    multimodal_decoder = hf_model.perceiver.decoder
+    postprocessor = hf_model.perceiver.output_postprocessor
+    names = sorted(preprocessor.modalities)
+    _require(names == ["audio", "image", "label"], "modalities", names, "['audio', 'image', 'label']")
+    _require(sorted(multimodal_decoder.modalities) == names, "decoder modalities",
+             sorted(multimodal_decoder.modalities), str(names))  # fmt: skip
+
+    audio = preprocessor.modalities["audio"]
+    _require(audio.concat_or_add_pos == "concat" and audio.position_encoding_type == "fourier"
+             and isinstance(audio.positions_projection, nn.Identity), "audio preprocessor",
+             {"concat_or_add_pos": audio.concat_or_add_pos, "position_encoding_type": audio.position_encoding_type},
+             "'concat' Fourier features, not projected")  # fmt: skip
+    audio_bands, audio_max = _fourier_kwargs(audio.position_embeddings, "audio")
+    image = preprocessor.modalities["image"]
+    _require(image.prep_type == "patches" and image.concat_or_add_pos == "concat"
+             and image.position_encoding_type == "fourier" and isinstance(image.conv_after_patches, nn.Identity)
+             and isinstance(image.positions_projection, nn.Identity), "image preprocessor",
+             {"prep_type": image.prep_type, "concat_or_add_pos": image.concat_or_add_pos,
+              "conv_after_patching": image.conv_after_patching},
+             "'patches' with concatenated Fourier features")  # fmt: skip
+    image_bands, image_max = _fourier_kwargs(image.position_embeddings, "image")
+    _require(len(image_max) == 3, "image max_resolution", image_max, "(frames, height, width)")
+    _require(image_max[0] > 1, "num_frames", image_max[0],
+             "at least 2 (transformers drops the time axis of one-frame videos)")  # fmt: skip
+    label = preprocessor.modalities["label"]
+    num_labels = label.num_channels
+    mask_probs = dict(preprocessor.mask_probs)
+    _require(set(mask_probs) <= set(names), "mask_probs", mask_probs, f"modalities of {names}")
+    patch = [image.temporal_downsample, image.spatial_downsample, image.spatial_downsample]
+    modalities = [
+        {"name": "audio", "channels": 1, "num_axes": 1, "num_freq_bands": audio_bands, "max_freq": audio_max[0],
+         "patch_size": audio.samples_per_patch},
+        {"name": "image", "channels": image.in_channels, "num_axes": 3, "num_freq_bands": image_bands,
+         "max_freq": image_max, "patch_size": patch},
+        {"name": "label", "channels": num_labels, "num_axes": 1, "num_freq_bands": 0, "max_freq": 1.0,
+         "one_hot": True},
+    ]  # fmt: skip
+    for spec in modalities:
+        if spec["name"] in mask_probs:
+            spec |= {"mask_token": True, "mask_prob": float(mask_probs[spec["name"]])}
+
+    audio_decoder = multimodal_decoder.modalities["audio"]
+    image_decoder = multimodal_decoder.modalities["image"].decoder
+    label_decoder = multimodal_decoder.modalities["label"].decoder
+    audio_q_bands, audio_q_max = _fourier_kwargs(audio_decoder.output_position_encodings, "audio query")
+    image_q_bands, image_q_max = _fourier_kwargs(image_decoder.output_position_encodings, "image query")
+    _require(label_decoder.position_encoding_type == "trainable", "label query", label_decoder.position_encoding_type,
+             "'trainable'")  # fmt: skip
+    for where, decoder in (("audio", audio_decoder), ("image", image_decoder), ("label", label_decoder)):
+        _require(decoder.position_encoding_only and not decoder.concat_preprocessed_input
+                 and isinstance(decoder.positions_projection, nn.Identity), f"{where} query decoder",
+                 {"position_encoding_only": decoder.position_encoding_only,
+                  "concat_preprocessed_input": decoder.concat_preprocessed_input},
+                 "queries of position features only, not projected")  # fmt: skip
+    audio_points = int(audio_decoder.output_index_dims[0])
+    audio_out = postprocessor.modalities["audio"].classifier.out_features  # samples per query
+    image_dims = [int(n) for n in image_decoder.output_index_dims]
+    label_channels = state["perceiver.decoder.modalities.label.decoder.output_position_encodings.position_embeddings"]
+    outputs = [
+        {"name": "audio", "shape": [audio_points * audio_out], "patch_size": audio_out,
+         "num_freq_bands": audio_q_bands, "max_freq": audio_q_max},
+        {"name": "image", "shape": image_dims, "patch_size": 1, "num_freq_bands": image_q_bands,
+         "max_freq": image_q_max},
+        {"name": "label", "query_channels": label_channels.shape[-1]},
+    ]  # fmt: skip
+    _require(postprocessor.modalities["image"].classifier.out_features == image.in_channels, "image output channels",
+             postprocessor.modalities["image"].classifier.out_features, f"the input's {image.in_channels}")  # fmt: skip
+    query_widths = {name: multimodal_decoder.modalities[name].num_query_channels for name in names}
+    fields |= _decoder_fields("perceiver.decoder.decoder", multimodal_decoder.decoder, state)
+    config = PerceiverConfig(
+        input_adapter="multimodal",
+        modalities=modalities,
+        modality_encoding="concat",
+        modality_padding=preprocessor.min_padding_size,
+        autoencoding_outputs=outputs,
+        autoencoding_query_padding=multimodal_decoder.num_query_channels - max(query_widths.values()),
+        autoencoding_output_channels=multimodal_decoder.output_num_channels,
+        num_labels=num_labels,
+        **({"id2label": dict(c.id2label), "label2id": dict(c.label2id)} if len(c.id2label) == num_labels else {}),
+        **fields,
+    )
+    ours = "perceiver.encoder.input_adapter"
+    for name in names:
+        mapping[f"perceiver.input_preprocessor.padding.{name}"] = f"{ours}.modality_padding.{name}"
+        mapping[f"perceiver.decoder.padding.{name}"] = f"queries.padding.{name}"
+        if name in mask_probs:
+            mapping[f"perceiver.input_preprocessor.mask.{name}"] = f"{ours}.mask_tokens.{name}"
+        for kind in ("weight", "bias"):
+            mapping[f"perceiver.output_postprocessor.modalities.{name}.classifier.{kind}"] = (
+                f"output_heads.{name}.{kind}"
+            )
+    mapping["perceiver.decoder.modalities.label.decoder.output_position_encodings.position_embeddings"] = (
+        "queries.learned.label"
+    )
+    mapping |= _layer_mapping("perceiver.decoder.decoder.decoding_cross_attention", "decoder.cross_attention", True)
+    for kind in ("weight", "bias"):
+        mapping[f"perceiver.decoder.decoder.final_layer.{kind}"] = f"decoder.output_adapter.linear.{kind}"
+    model = PerceiverForMultimodalAutoencoding(config)
+    _load_mapped(model, state, mapping)
+    processor = PerceiverMultimodalAutoencodingProcessor(
+        num_frames=image_dims[0], image_size=image_dims[1:], num_channels=image.in_channels,
+        num_audio_samples=audio_points * audio_out, sampling_rate=48000, normalize_audio=False,
+        num_labels=num_labels,
+    )  # fmt: skip
+    return model, processor
+
+
 def _load_mapped(
     model: PerceiverPreTrainedModel,
     hf_state: dict[str, torch.Tensor],
@@ -370,6 +584,8 @@ _CONVERTERS = {
     "PerceiverForImageClassificationLearned": _convert_image_classifier,
     "PerceiverForImageClassificationFourier": _convert_image_classifier,
     "PerceiverForImageClassificationConvProcessing": _convert_image_classifier,
+    "PerceiverForOpticalFlow": _convert_optical_flow,
+    "PerceiverForMultimodalAutoencoding": _convert_multimodal_autoencoding,
 }
 # transformers class names this module converts
 SUPPORTED_CLASSES = tuple(_CONVERTERS)
@@ -381,14 +597,16 @@ def convert_transformers_perceiver(model_or_path, save_directory: str | Path | N
     Args:
         model_or_path: a transformers Perceiver model object (`PerceiverForMaskedLM`,
             `PerceiverForImageClassificationLearned`, `PerceiverForImageClassificationFourier`,
-            `PerceiverForImageClassificationConvProcessing`), a local directory, or a Hub id (needs internet).
+            `PerceiverForImageClassificationConvProcessing`, `PerceiverForOpticalFlow`,
+            `PerceiverForMultimodalAutoencoding`), a local directory, or a Hub id (needs internet).
         save_directory: if given, `save_pretrained` the converted model and its tokenizer or image processor
             there.
 
     Returns:
         `(model, tokenizer_or_image_processor)`: the converted model in eval mode and the matching
         preprocessor (transformers' byte-level `PerceiverTokenizer` for the language model, a
-        `PerceiverImageProcessor` for the image classifiers).
+        `PerceiverImageProcessor` for the image classifiers, a `PerceiverOpticalFlowProcessor` for optical flow,
+        a `PerceiverMultimodalAutoencodingProcessor` for multimodal autoencoding).
 
     Raises:
         ConversionError: for a model class or setting that perceiver_hf cannot represent exactly,

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithCrossAttentions
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
@@ -56,6 +57,7 @@ __all__ = [
     "PerceiverForImageClassification",
     "input_adapter_from_config",
     "eager_attention_forward",
+    "apply_rotary_position_embeddings",
 ]
 
 logger = logging.get_logger(__name__)
@@ -95,6 +97,18 @@ def _or(value, default):
     return default if value is None else value
 
 
+def apply_rotary_position_embeddings(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `R` channels of each head of `x` `(B, H, n, Dh)` by the angles of `cos`/`sin` `(B, n, R)`
+    (rotary position embedding, Su et al. 2021, in the split-halves form of transformers' Llama); the other
+    `Dh - R` channels pass unchanged (partial rotary)."""
+    rotated = cos.shape[-1]
+    x_rot, x_pass = x[..., :rotated], x[..., rotated:]
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, n, R): the same angles for every head
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    x_rot = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((x_rot, x_pass), dim=-1)
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -130,7 +144,8 @@ def eager_attention_forward(
 
 
 class PerceiverAttention(nn.Module):
-    """Multi-head attention with separate query-key and value widths. Never causal.
+    """Multi-head attention with separate query-key and value widths. Never causal by itself: a causal model
+    (Perceiver AR) passes its causal mask as a per-query `attention_mask`, plus rotary embeddings and a cache.
 
     The attention itself runs through transformers' attention interface, chosen by `config._attn_implementation`
     ("sdpa" by default, "eager", or any kernel transformers registers); `output_attentions=True` runs the eager
@@ -199,15 +214,23 @@ class PerceiverAttention(nn.Module):
         output_attentions: bool = False,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         inverted: bool = False,
+        position_embeddings: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        past_key_values: Cache | None = None,
+        layer_idx: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         Args:
             x_q: queries `(B, Nq, Cq)`.
             x_kv: keys/values `(B, Nkv, Ckv)`; may be `None` when `kv` is given.
-            attention_mask: `(B, Nkv)`, 1 (or True) for positions to attend to, 0 for padding.
+            attention_mask: `(B, Nkv)`, 1 (or True) for positions to attend to, 0 for padding; or `(B, Nq, Nkv)`
+                with one row per query (causal masks). With a cache, `Nkv` counts the cached positions too.
             output_attentions: also return the attention weights `(B, H, Nq, Nkv)` (computed eagerly).
             kv: keys and values from `project_kv(x_kv)`, to reuse them across calls.
             inverted: inverted attention (see `eager_attention_forward`) instead of the softmax over keys.
+            position_embeddings: rotary embeddings `((cos_q, sin_q), (cos_k, sin_k))`, `(B, Nq, R)` and
+                `(B, Nkv, R)`, applied to the queries and to the new keys (see `apply_rotary_position_embeddings`).
+            past_key_values: a transformers `Cache`: the new keys and values are appended to layer `layer_idx`
+                and the queries attend to all of them (generation with a key/value cache).
 
         Returns:
             `(output (B, Nq, out_channels), attention weights or None)`.
@@ -219,7 +242,18 @@ class PerceiverAttention(nn.Module):
                 raise ValueError(f"x_kv must hold at least one position to attend to, got shape {tuple(x_kv.shape)}")
         q = self._split_heads(self.q_proj(x_q), self.qk_head_channels)  # (B, H, Nq, Dk)
         k, v = kv if kv is not None else self.project_kv(x_kv)  # (B, H, Nkv, Dk), (B, H, Nkv, Dv)
-        keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Nkv)
+        if position_embeddings is not None:
+            (cos_q, sin_q), (cos_k, sin_k) = position_embeddings
+            q = apply_rotary_position_embeddings(q, cos_q, sin_q)
+            k = apply_rotary_position_embeddings(k, cos_k, sin_k)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, layer_idx)  # cached and new positions
+        if attention_mask is None:
+            keep = None
+        elif attention_mask.ndim == 3:
+            keep = attention_mask.bool()[:, None]  # (B, 1, Nq, Nkv)
+        else:
+            keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Nkv)
 
         # The weights are only returned by the eager path; a module used outside a PreTrainedModel (the older APIs'
         # translators) has no implementation set and takes SDPA.
@@ -336,12 +370,16 @@ class PerceiverCrossAttentionLayer(nn.Module):
         output_attentions: bool = False,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         inverted: bool = False,
+        **attention_kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`attention_kwargs`: rotary `position_embeddings` and a key/value cache, see `PerceiverAttention`."""
         _check_features("x_q", x_q, self.q_norm.normalized_shape[0])
         if kv is None:
             _check_features("x_kv", x_kv, self.kv_norm.normalized_shape[0], batch_size=x_q.shape[0])
             kv = self.project_kv(x_kv)
-        attended, weights = self.attention(self.q_norm(x_q), None, attention_mask, output_attentions, kv, inverted)
+        attended, weights = self.attention(
+            self.q_norm(x_q), None, attention_mask, output_attentions, kv, inverted, **attention_kwargs
+        )
         x = self.dropout(attended)
         if self.use_query_residual:
             x = x + x_q
@@ -369,10 +407,18 @@ class PerceiverSelfAttentionLayer(nn.Module):
         self.dropout = nn.Dropout(_or(config.attention_output_dropout, config.dropout))
         self.mlp = PerceiverMLP(config, channels, config.self_attention_widening_factor)
 
-    def forward(self, x: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        output_attentions: bool = False,
+        attention_mask: torch.Tensor | None = None,
+        **attention_kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`attention_mask`, rotary `position_embeddings` and a key/value cache: see `PerceiverAttention`
+        (a causal mask makes this causal self-attention)."""
         _check_features("x", x, self.norm.normalized_shape[0])
         normed = self.norm(x)
-        attended, weights = self.attention(normed, normed, None, output_attentions)
+        attended, weights = self.attention(normed, normed, attention_mask, output_attentions, **attention_kwargs)
         x = x + self.dropout(attended)
         return x + self.mlp(x), weights  # (B, L, D)
 
@@ -477,11 +523,14 @@ class PerceiverEncoder(_CheckpointingMixin, nn.Module):
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        inputs_are_adapted: bool = False,
         **adapter_kwargs,
     ) -> BaseModelOutputWithCrossAttentions:
         """
         Args:
             inputs: raw inputs for the input adapter, or adapted inputs `(B, N, C)` without one.
+            inputs_are_adapted: the inputs are the input adapter's output already, and skip it (a head that also
+                uses the adapted inputs, as the optical flow decoder's queries, adapts them once).
             attention_mask: `(B, N)`, 1 for input positions to attend to, 0 for padding. An adapter with
                 `adapts_attention_mask = True` takes the caller's mask with the inputs and returns the `(B, N)`
                 mask with its output (`(x, mask)`), e.g. audio samples -> patches, or a mask per modality.
@@ -496,7 +545,7 @@ class PerceiverEncoder(_CheckpointingMixin, nn.Module):
             `hidden_states` the latents after each layer (and the initial array), `attentions` the
             self-attention weights and `cross_attentions` the cross-attention weights when requested.
         """
-        if self.input_adapter is None:
+        if self.input_adapter is None or inputs_are_adapted:
             x = inputs
         elif getattr(self.input_adapter, "adapts_attention_mask", False):
             # Adapters of padded or combined inputs (audio, multimodal) map the caller's masks to input positions.
@@ -597,15 +646,24 @@ class PerceiverDecoder(_CheckpointingMixin, nn.Module):
         output_adapter: maps decoded queries `(B, Q, E)` to task outputs.
         use_query_residual: add the queries back after cross-attention (`config.decoder_use_query_residual`
             when it is set; otherwise this head's choice).
+        learned_queries: own trainable queries; `False` for a head that always passes `output_query` (no unused
+            parameter, and a clear error when none is passed).
     """
 
-    def __init__(self, config: PerceiverConfig, output_adapter: OutputAdapter, use_query_residual: bool) -> None:
+    def __init__(
+        self,
+        config: PerceiverConfig,
+        output_adapter: OutputAdapter,
+        use_query_residual: bool,
+        learned_queries: bool = True,
+    ) -> None:
         super().__init__()
         if config.decoder_use_query_residual is not None:
             use_query_residual = config.decoder_use_query_residual
         num_queries, num_query_channels = output_adapter.output_shape
         self.init_scale = config.initializer_range
-        self.output_query = nn.Parameter(torch.empty(num_queries, num_query_channels))
+        # A head that always passes its queries (optical flow: built from the inputs) owns none.
+        self.output_query = nn.Parameter(torch.empty(num_queries, num_query_channels)) if learned_queries else None
         self.cross_attention = PerceiverCrossAttentionLayer(
             config,
             config.num_decoder_heads,
@@ -621,6 +679,8 @@ class PerceiverDecoder(_CheckpointingMixin, nn.Module):
         self.reset_output_query()
 
     def reset_output_query(self) -> None:
+        if self.output_query is None:
+            return
         nn.init.trunc_normal_(self.output_query, std=self.init_scale, a=-2 * self.init_scale, b=2 * self.init_scale)
 
     def forward(
@@ -637,6 +697,8 @@ class PerceiverDecoder(_CheckpointingMixin, nn.Module):
         _check_features("x_latent", x_latent, self.cross_attention.kv_norm.normalized_shape[0])
         b = x_latent.shape[0]
         if output_query is None:
+            if self.output_query is None:
+                raise ValueError("this decoder has no learned queries (learned_queries=False): pass output_query")
             output_query = self.output_query
         if output_query.ndim == 2:
             output_query = output_query.expand(b, -1, -1)  # (B, Q, E)
@@ -774,7 +836,7 @@ class PerceiverPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, PerceiverEncoder):
             init.trunc_normal_(module.latent, std=std, a=-2 * std, b=2 * std)
-        elif isinstance(module, PerceiverDecoder):
+        elif isinstance(module, PerceiverDecoder) and module.output_query is not None:
             init.trunc_normal_(module.output_query, std=std, a=-2 * std, b=2 * std)
         elif isinstance(module, LearnedPositionEncoding):
             init.normal_(module.weight, std=std)

@@ -22,12 +22,16 @@ from transformers import (
 
 import perceiver_hf
 from perceiver_hf import (
+    AutoModelForMultimodalAutoencoding,
     AutoModelForMultimodalClassification,
+    AutoModelForOpticalFlow,
     PerceiverConfig,
     PerceiverForAudioClassification,
     PerceiverForImageClassification,
     PerceiverForMaskedLM,
+    PerceiverForMultimodalAutoencoding,
     PerceiverForMultimodalClassification,
+    PerceiverForOpticalFlow,
     PerceiverForSequenceClassification,
     PerceiverModel,
     PerceiverPreTrainedModel,
@@ -312,6 +316,130 @@ HEAD_SPECS += [
         output_shape=lambda c, b, n: (b, c.num_labels),
         make_labels=_class_labels,
         make_inputs=multimodal_batch,
+    ),
+]
+
+FLOW_SIZE = (6, 8)  # frame size of the tiny optical flow config
+
+
+def tiny_flow_config(**overrides: Any) -> PerceiverConfig:
+    """An optical flow config: 3 x 3 patches of two 6 x 8 frames, projected to 8 channels, 2 Fourier bands."""
+    kwargs: dict[str, Any] = dict(
+        input_adapter="flow",
+        flow_image_size=list(FLOW_SIZE),
+        num_frequency_bands=2,
+        flow_projection_channels=8,
+        num_latents=6,
+        d_latents=16,
+        num_cross_attention_heads=1,
+        num_self_attention_heads=2,
+        num_self_attention_layers_per_block=2,
+    )
+    kwargs.update(overrides)
+    return PerceiverConfig(**kwargs)
+
+
+def flow_batch(config: PerceiverConfig, lengths: list[int], seq_len: int | None, seed: int) -> dict[str, torch.Tensor]:
+    """Frame pairs `(B, 2, 3, 6, 8)` (as `PerceiverOpticalFlowProcessor` returns them); no padding."""
+    generator = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.randn(len(lengths), 2, 3, *FLOW_SIZE, generator=generator)}
+
+
+def _flow_labels(config: PerceiverConfig, inputs: dict[str, Any]) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(inputs["pixel_values"].shape[0], *FLOW_SIZE, 2, generator=generator)
+
+
+HEAD_SPECS += [
+    HeadSpec(
+        PerceiverForOpticalFlow,
+        AutoModelForOpticalFlow,
+        tiny_flow_config,
+        output_name="logits",
+        output_shape=lambda c, b, n: (b, *FLOW_SIZE, 2),
+        make_labels=_flow_labels,
+        make_inputs=flow_batch,
+    ),
+]
+
+
+def tiny_autoencoding_config(**overrides: Any) -> PerceiverConfig:
+    """A multimodal autoencoding config: one-frame 4 x 4 videos in 2 x 2 patches, audio in patches of 4 samples (up
+    to 12), a one-hot label with a mask token; each reconstructed."""
+    kwargs: dict[str, Any] = dict(
+        input_adapter="multimodal",
+        modalities=[
+            {
+                "name": "image",
+                "channels": 1,
+                "num_axes": 3,
+                "num_freq_bands": 2,
+                "max_freq": [1, 4, 4],
+                "patch_size": [1, 2, 2],
+            },
+            {
+                "name": "audio",
+                "channels": 1,
+                "num_axes": 1,
+                "num_freq_bands": 2,
+                "max_freq": 12.0,
+                "patch_size": 4,
+                "max_length": 12,
+            },
+            {
+                "name": "label",
+                "channels": 3,
+                "num_axes": 1,
+                "num_freq_bands": 0,
+                "max_freq": 1.0,
+                "one_hot": True,
+                "mask_token": True,
+            },
+        ],
+        modality_encoding="concat",
+        modality_padding=2,
+        autoencoding_outputs=[
+            {"name": "image", "shape": [1, 4, 4]},
+            {"name": "audio", "shape": [12], "patch_size": 4},
+            {"name": "label", "query_channels": 6},
+        ],
+        autoencoding_output_channels=12,
+        num_latents=6,
+        d_latents=16,
+        num_cross_attention_heads=1,
+        num_self_attention_heads=2,
+        num_self_attention_layers_per_block=2,
+    )
+    kwargs.update(overrides)
+    return PerceiverConfig(**kwargs)
+
+
+def autoencoding_batch(config: PerceiverConfig, lengths: list[int], seq_len: int | None, seed: int):
+    """One-frame channels-last videos, audio of 12 samples with `audio_mask` (the first `lengths[i]` samples real, at
+    most 12), label ids; as keywords, as `PerceiverMultimodalAutoencodingProcessor` returns them."""
+    generator = torch.Generator().manual_seed(seed)
+    b = len(lengths)
+    mask = (torch.arange(12)[None, :] < torch.tensor(lengths).clamp(max=12)[:, None]).long()
+    return {
+        "image": torch.rand(b, 1, 4, 4, 1, generator=generator),
+        "audio": torch.randn(b, 12, generator=generator) * mask,
+        "audio_mask": mask,
+        "label": torch.arange(b) % 3,
+    }
+
+
+# The autoencoder's reconstructions are per-modality dicts: the tester compares its tensor output, the decoder's
+# output for every point (16 image pixels, 3 audio patches, 1 label query). Its labels are a dict of targets too,
+# which the tester's table-based Trainer tests cannot hold: no `make_labels` here;
+# tests/test_multimodal_autoencoding.py checks the loss and trains the head with Trainer.
+HEAD_SPECS += [
+    HeadSpec(
+        PerceiverForMultimodalAutoencoding,
+        AutoModelForMultimodalAutoencoding,
+        tiny_autoencoding_config,
+        output_name="decoder_output",
+        output_shape=lambda c, b, n: (b, 16 + 3 + 1, c.autoencoding_output_channels),
+        make_inputs=autoencoding_batch,
     ),
 ]
 

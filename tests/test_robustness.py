@@ -508,7 +508,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[], object], str]] = {
     ),
     "input adapter of another name": (
         lambda: PerceiverConfig(input_adapter="video"),
-        r"input_adapter \('video'\) must be one of \['none', 'text', 'image', 'audio', 'multimodal'\]",
+        r"input_adapter \('video'\) must be one of \['none', 'text', 'image', 'audio', 'multimodal', 'flow'\]",
     ),
     "decoder latents of the wrong width": (
         lambda: DECODER(torch.randn(2, 4, 8)),
