@@ -19,6 +19,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from mirror_reference import reference_attention
 from torch.nn import Embedding
 
 from perceiver_hf.perceiver_multi_modality_pytorch import Perceiver, load_original_state_dict
@@ -339,26 +340,6 @@ def original_layers_params(depth, blocks, latent_dim, input_dim, inner, gelu):
     return sd
 
 
-def reference_attention(sd, prefix, x, context, heads, mask=None):
-    """The fork's `PreNorm(Attention)`, written out."""
-    x = F.layer_norm(x, x.shape[-1:], sd[f"{prefix}norm.weight"], sd[f"{prefix}norm.bias"])
-    if context is None:
-        context = x
-    else:
-        context = F.layer_norm(
-            context, context.shape[-1:], sd[f"{prefix}norm_context.weight"], sd[f"{prefix}norm_context.bias"]
-        )
-    q = x @ sd[f"{prefix}fn.to_q.weight"].T
-    k, v = (context @ sd[f"{prefix}fn.to_kv.weight"].T).chunk(2, dim=-1)
-    b, dim_head = q.shape[0], q.shape[-1] // heads
-    q, k, v = (t.reshape(b, -1, heads, dim_head).transpose(1, 2) for t in (q, k, v))
-    sim = q @ k.transpose(-1, -2) * dim_head**-0.5
-    if mask is not None:
-        sim = sim.masked_fill(~mask[:, None, None, :], -torch.finfo(sim.dtype).max)
-    out = (sim.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, -1, heads * dim_head)
-    return out @ sd[f"{prefix}fn.to_out.0.weight"].T + sd[f"{prefix}fn.to_out.0.bias"]
-
-
 def reference_ff(sd, prefix, x, gelu):
     x = F.layer_norm(x, x.shape[-1:], sd[f"{prefix}norm.weight"], sd[f"{prefix}norm.bias"])
     h = x @ sd[f"{prefix}fn.net.0.weight"].T + sd[f"{prefix}fn.net.0.bias"]
@@ -375,12 +356,12 @@ def reference_layers(sd, layer_inputs, blocks, gelu, mask=None):
     its extra residual."""
     x = sd["latents"].expand(layer_inputs[0].shape[0], -1, -1)
     for i, data in enumerate(layer_inputs):
-        x = reference_attention(sd, f"layers.{i}.0.", x, data, 1, mask) + x
+        x = reference_attention(sd, f"layers.{i}.0.", x, data, 1, mask, out_name="to_out.0") + x
         x = reference_ff(sd, f"layers.{i}.1.", x, gelu) + x
         y = x
         for j in range(blocks):
             prefix = f"layers.{i}.2.latent_blocks.{j}."
-            y = reference_attention(sd, f"{prefix}0.", y, None, 2) + y
+            y = reference_attention(sd, f"{prefix}0.", y, None, 2, out_name="to_out.0") + y
             y = reference_ff(sd, f"{prefix}1.", y, gelu) + y
         x = y + x
     return x

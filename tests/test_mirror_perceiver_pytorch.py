@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from mirror_reference import reference_attention
 
 from perceiver_hf.perceiver_pytorch import Perceiver, PerceiverIO, PerceiverLM, load_original_state_dict
 from perceiver_hf.perceiver_pytorch.perceiver_io import dropout_seq
@@ -283,33 +284,6 @@ def original_ff_params(prefix, dim):
         f"{prefix}fn.net.2.weight": torch.randn(dim, 4 * dim) / (4 * dim) ** 0.5,
         f"{prefix}fn.net.2.bias": 0.1 * torch.randn(dim),
     }
-
-
-def reference_attention(sd, prefix, x, context, heads, mask=None, inverted=False):
-    """lucidrains' `PreNorm(Attention)`, written out."""
-    x = F.layer_norm(x, x.shape[-1:], sd[f"{prefix}norm.weight"], sd[f"{prefix}norm.bias"])
-    if context is None:
-        context = x
-    else:
-        context = F.layer_norm(
-            context, context.shape[-1:], sd[f"{prefix}norm_context.weight"], sd[f"{prefix}norm_context.bias"]
-        )
-    q = x @ sd[f"{prefix}fn.to_q.weight"].T
-    k, v = (context @ sd[f"{prefix}fn.to_kv.weight"].T).chunk(2, dim=-1)
-    b, dim_head = q.shape[0], q.shape[-1] // heads
-    q, k, v = (t.reshape(b, -1, heads, dim_head).transpose(1, 2) for t in (q, k, v))
-    sim = q @ k.transpose(-1, -2) * dim_head**-0.5
-    if mask is not None:
-        sim = sim.masked_fill(~mask[:, None, None, :], -torch.finfo(sim.dtype).max)
-    if inverted:
-        attn = sim.softmax(dim=-2)
-        if mask is not None:
-            attn = attn.masked_fill(~mask[:, None, None, :], 0.0)
-        attn = attn / attn.sum(dim=-1, keepdim=True).clamp(min=1e-8)
-    else:
-        attn = sim.softmax(dim=-1)
-    out = (attn @ v).transpose(1, 2).reshape(b, -1, heads * dim_head)
-    return out @ sd[f"{prefix}fn.to_out.weight"].T + sd[f"{prefix}fn.to_out.bias"]
 
 
 def reference_ff(sd, prefix, x):
