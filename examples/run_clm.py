@@ -34,7 +34,6 @@ from itertools import chain
 import torch
 from accelerate.utils import broadcast_object_list
 from common import (
-    EXAMPLES_DIR,
     build_dataloaders,
     build_parser,
     check_pretrained,
@@ -52,17 +51,12 @@ from common import (
     setup_accelerator,
     train,
 )
+from run_mlm import HUB_SPLITS, SAMPLE_DATA_FILES  # the same text as the masked LM: IMDb train + unsupervised
 from transformers import AutoModelForCausalLM, AutoTokenizer, PerceiverTokenizer, default_data_collator, pipeline
 
 # Importing perceiver_hf registers the perceiver_ar model type with the Auto classes (and the pipeline).
 from perceiver_hf import PerceiverARConfig, PerceiverARForCausalLM, train_wordpiece_tokenizer
 
-SAMPLE_DIR = EXAMPLES_DIR / "data"
-SAMPLE_DATA_FILES = {
-    "train": [str(SAMPLE_DIR / "imdb_train.parquet"), str(SAMPLE_DIR / "imdb_unsupervised.parquet")],
-    "validation": [str(SAMPLE_DIR / "imdb_test.parquet")],
-}
-HUB_SPLITS = {"train": "train+unsupervised", "validation": "test"}
 DEFAULT_PROMPTS = ["This movie was", "I have never seen"]
 
 
