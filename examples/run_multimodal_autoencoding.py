@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from common import (
     BatchSeededCollator,
-    argument_group,
     build_dataloader,
     build_parser,
     create_hub_repo,
@@ -45,7 +44,7 @@ from common import (
     train,
 )
 from run_audio_classification import decode_audio
-from run_multimodal_classification import load_pairs
+from run_multimodal_classification import add_pair_arguments, check_pair_arguments, load_pairs
 
 from perceiver_hf import (
     PerceiverConfig,
@@ -56,11 +55,7 @@ from perceiver_hf import (
 
 def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser(__doc__.splitlines()[0])
-    data = argument_group(parser, "data")
-    data.add_argument("--mnist_dir", default=None, help="Folder with MNIST train.parquet and test.parquet.")
-    data.add_argument("--fsdd_dir", default=None, help="Folder with FSDD train.parquet and test.parquet.")
-    data.add_argument("--image_column", default="image", help="Column holding the images.")
-    data.add_argument("--audio_column", default="audio", help="Column holding the audio.")
+    add_pair_arguments(parser)
     model = parser.add_argument_group("model (built from scratch)")
     model.add_argument(
         "--audio_seconds", type=float, default=1.0, help="Clip length: shorter clips padded, longer cut."
@@ -108,10 +103,7 @@ def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
         validation_split_percentage=20,
     )
     args = parse_args(parser, argv)
-    if (args.mnist_dir is None) != (args.fsdd_dir is None):
-        parser.error("give both --mnist_dir and --fsdd_dir (or neither)")
-    if args.mnist_dir is not None and (args.train_file is not None or args.dataset_name is not None):
-        parser.error("give either --mnist_dir/--fsdd_dir or --train_file/--dataset_name, not both")
+    check_pair_arguments(parser, args)
     return args
 
 

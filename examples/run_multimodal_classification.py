@@ -68,13 +68,29 @@ SAMPLE_DATA_FILES = {"train": [str(EXAMPLES_DIR / "data" / "mnist_fsdd_pairs.par
 MODALITIES = ("image", "audio")
 
 
-def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = build_parser(__doc__.splitlines()[0])
+def add_pair_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data options of the MNIST + FSDD pairs (`load_pairs`), shared with run_multimodal_autoencoding.py."""
     data = argument_group(parser, "data")
     data.add_argument("--mnist_dir", default=None, help="Folder with MNIST train.parquet and test.parquet.")
     data.add_argument("--fsdd_dir", default=None, help="Folder with FSDD train.parquet and test.parquet.")
     data.add_argument("--image_column", default="image", help="Column holding the images.")
     data.add_argument("--audio_column", default="audio", help="Column holding the audio.")
+
+
+def check_pair_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if (args.mnist_dir is None) != (args.fsdd_dir is None):
+        parser.error("give both --mnist_dir and --fsdd_dir (or neither)")
+    if args.mnist_dir is not None and (args.train_file is not None or args.dataset_name is not None):
+        parser.error("give either --mnist_dir/--fsdd_dir or --train_file/--dataset_name, not both")
+    for option in ("mnist_dir", "fsdd_dir"):
+        folder = getattr(args, option)
+        if folder is not None and not all((Path(folder) / f"{s}.parquet").is_file() for s in ("train", "test")):
+            parser.error(f"argument --{option}: {folder!r} must hold train.parquet and test.parquet")
+
+
+def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser(__doc__.splitlines()[0])
+    add_pair_arguments(parser)
 
     model = parser.add_argument_group("model (built from scratch)")
     model.add_argument(
@@ -127,14 +143,7 @@ def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
         validation_split_percentage=20,
     )
     args = parse_args(parser, argv)
-    if (args.mnist_dir is None) != (args.fsdd_dir is None):
-        parser.error("give both --mnist_dir and --fsdd_dir (or neither)")
-    if args.mnist_dir is not None and (args.train_file is not None or args.dataset_name is not None):
-        parser.error("give either --mnist_dir/--fsdd_dir or --train_file/--dataset_name, not both")
-    for option in ("mnist_dir", "fsdd_dir"):
-        folder = getattr(args, option)
-        if folder is not None and not all((Path(folder) / f"{s}.parquet").is_file() for s in ("train", "test")):
-            parser.error(f"argument --{option}: {folder!r} must hold train.parquet and test.parquet")
+    check_pair_arguments(parser, args)
     if args.modality_dropout > 0 and len(args.modalities) < 2:
         parser.error("--modality_dropout needs both modalities")
     return args
