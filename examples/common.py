@@ -576,7 +576,7 @@ def load_raw_datasets(
             data_files = {split: _as_list(files) for split, files in default_data_files.items()}
         else:
             raise ValueError("no data: give --dataset_name or --train_file")
-        raw = DatasetDict({split: _load_local_files(_as_list(files), split) for split, files in data_files.items()})
+        raw = DatasetDict({split: load_local_files(_as_list(files), split) for split, files in data_files.items()})
 
     return split_and_limit(raw, args)
 
@@ -645,7 +645,7 @@ def _as_list(files: str | Sequence[str]) -> list[str]:
     return [files] if isinstance(files, (str, os.PathLike)) else [str(f) for f in files]
 
 
-def _load_local_files(files: list[str], split: str) -> datasets.Dataset:
+def load_local_files(files: list[str], split: str) -> datasets.Dataset:
     """Load the files of one split with the `datasets` builder matching their (common) extension."""
     extensions = sorted({Path(f).suffix.lstrip(".").lower() for f in files})
     if len(extensions) > 1:

@@ -1,15 +1,17 @@
 """Pretrain (or continue training) a Perceiver IO masked language model with Accelerate.
 
-With no option, the script trains a small model on the IMDb sample shipped in ``examples/data`` (a few
-minutes on 2 CPU cores), then prints fill-mask predictions for ``--predict_samples``:
+With no option, the script trains a small model on the IMDb sample shipped in ``examples/data`` (about
+3 minutes on 2 CPU cores), then prints fill-mask predictions for ``--predict_samples``:
 
     python examples/run_mlm.py
 
-On the full IMDb data, from local files (train + unsupervised to pretrain, test to validate):
+On the full IMDb data, from local files (train + unsupervised to pretrain; 5% held out to validate):
 
     python examples/run_mlm.py --train_file imdb/train.parquet imdb/unsupervised.parquet \\
-        --validation_file imdb/test.parquet --max_seq_len 512 --dropout 0.1 --max_steps 20000 \\
-        --max_eval_samples 2000 --output_dir outputs/mlm-imdb
+        --max_seq_len 512 --d_model 256 --num_latents 64 --d_latents 256 --max_steps 5000 \\
+        --batch_size 16 --max_eval_samples 1000 --mixed_precision bf16 --output_dir outputs/mlm-imdb
+
+(``examples/imdb_quality.sh`` runs it with a validation split that the sentiment classifier then shares)
 
 or from the Hub with ``--dataset_name imdb``. The steps follow transformers'
 ``run_mlm_no_trainer.py``: train a WordPiece tokenizer on the training texts (unless
@@ -24,6 +26,7 @@ stop and continue exactly.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -41,7 +44,9 @@ from common import (
     find_checkpoint,
     finish_run,
     load_raw_datasets,
+    non_negative_int,
     parse_args,
+    positive_float,
     positive_int,
     prepare_training,
     probability,
@@ -65,6 +70,14 @@ HUB_SPLITS = {"train": "train+unsupervised", "validation": "test"}
 DEFAULT_PREDICT_SAMPLES = ["i have watched this [MASK] and it was awesome"]
 
 
+def context_kernel_size(value: str) -> int | None:
+    """argparse type: 0 (no context convolution, None in the config) or an odd integer >= 1."""
+    number = non_negative_int(value)
+    if number and number % 2 == 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or an odd integer, got {value!r}")
+    return number or None
+
+
 def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser(__doc__.splitlines()[0])
 
@@ -86,11 +99,11 @@ def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model.add_argument(
         "--max_seq_len",
         type=positive_int,
-        default=128,
-        help="Texts are truncated to this many tokens (incl. [CLS]/[SEP]); it is also the model's "
+        default=64,
+        help="Tokens per training block (texts grouped, or truncated with --line_by_line); it is also the model's "
         "max_position_embeddings. The default keeps the sample run short; use 512 on the full IMDb data.",
     )
-    model.add_argument("--num_latents", type=positive_int, default=64, help="Number of latent vectors.")
+    model.add_argument("--num_latents", type=positive_int, default=32, help="Number of latent vectors.")
     model.add_argument("--d_latents", type=positive_int, default=128, help="Channels of each latent vector.")
     model.add_argument("--d_model", type=positive_int, default=128, help="Channels of the token embeddings.")
     model.add_argument(
@@ -118,6 +131,27 @@ def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--num_decoder_heads", type=positive_int, default=4, help="Heads of the decoder cross-attention."
     )
     model.add_argument(
+        "--context_kernel_size",
+        type=context_kernel_size,
+        default=5,
+        help="Width (odd) of the text adapter's convolution that mixes each token's embedding with its neighbours' "
+        "(config.context_kernel_size); 0 for none, as in DeepMind's model.",
+    )
+    model.add_argument(
+        "--mlm_decoder_queries",
+        choices=("inputs", "positions"),
+        default="inputs",
+        help="The decoder's queries (config.mlm_decoder_queries): each position's adapted input (token, position "
+        "and context features), or DeepMind's learned per-position queries. 'inputs' leaves the unigram "
+        "plateau within a few hundred steps; 'positions' takes thousands.",
+    )
+    model.add_argument(
+        "--initializer_range",
+        type=positive_float,
+        default=0.02,
+        help="Standard deviation of the weight initialisation (config.initializer_range).",
+    )
+    model.add_argument(
         "--tie_word_embeddings",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -135,17 +169,27 @@ def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Sentences with [MASK] tokens whose top-k fills are logged after each evaluation and printed at the end.",
     )
     mlm.add_argument("--top_k", type=positive_int, default=5, help="Number of fills shown per [MASK].")
+    mlm.add_argument(
+        "--line_by_line",
+        action="store_true",
+        help="One training example per text, truncated to --max_seq_len. Default, as transformers' run_mlm.py: the "
+        "tokenized texts are concatenated and cut into blocks of --max_seq_len tokens, so no text is cut short.",
+    )
 
-    # Defaults that train a small model on the shipped sample in a few minutes on 2 CPU cores. Measured on
-    # the sample: without dropout and on 128-token texts the model gets past predicting frequent words
-    # sooner (fills like "this", "movie" after ~1000 steps); longer texts and dropout need more steps.
+    # Defaults that train a small model on the shipped sample in about 3 minutes on 2 CPU cores (examples/README.md,
+    # "Masked language modelling"). Chosen on the sample's 200 validation reviews (drawn from IMDb's test split;
+    # imdb_quality.sh validates on held-out training reviews instead): with DeepMind's per-position decoder queries
+    # (--mlm_decoder_queries positions) a model this small stays on the unigram plateau (fills "i . this movie it")
+    # for thousands of steps; with queries built from the inputs and the context convolution it reaches about 10%
+    # masked-token accuracy within 600 steps. Short blocks (64 tokens, 2 per latent) keep steps cheap; dropout
+    # only slows a run this short.
     parser.set_defaults(
         output_dir="outputs/mlm",
-        batch_size=16,
+        batch_size=32,
         learning_rate=1e-3,
         dropout=0.0,
         max_steps=1500,
-        eval_steps=250,
+        eval_steps=500,
         logging_steps=25,
     )
     args = parse_args(parser, argv)
@@ -203,9 +247,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         # The special-tokens mask keeps the collator from masking [CLS] and [SEP].
         return tokenizer(
             batch[args.text_column],
-            truncation=True,
-            max_length=args.max_seq_len,
+            truncation=args.line_by_line,
+            max_length=args.max_seq_len if args.line_by_line else None,
             return_special_tokens_mask=True,
+            verbose=False,  # grouped texts are longer than the model on purpose: no length warning
         )
 
     # The main process tokenizes first and fills the datasets cache; the others then read from it.
@@ -213,6 +258,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         tokenized = raw_datasets.map(
             tokenize, batched=True, remove_columns=raw_datasets["train"].column_names, desc="Tokenizing"
         )
+        if not args.line_by_line:
+            tokenized = tokenized.map(
+                group_texts,
+                batched=True,
+                fn_kwargs={"block_size": args.max_seq_len},
+                desc=f"Grouping texts in blocks of {args.max_seq_len}",
+            )
 
     # Masks are drawn per batch from (seed, epoch, batch index): see BatchSeededCollator.
     masking = DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability, pad_to_multiple_of=8)
@@ -244,6 +296,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             num_decoder_heads=args.num_decoder_heads,
             dropout=args.dropout,
             tie_word_embeddings=args.tie_word_embeddings,
+            context_kernel_size=args.context_kernel_size,
+            mlm_decoder_queries=args.mlm_decoder_queries,
+            initializer_range=args.initializer_range,
             pad_token_id=tokenizer.pad_token_id,
         )
         model = PerceiverForMaskedLM(config)
@@ -280,6 +335,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"  {sample}")
             for fills in per_mask:
                 print("    " + ", ".join(f"{p['token_str']} ({p['score']:.3f})" for p in fills))
+
+
+def group_texts(batch: dict[str, list], block_size: int) -> dict[str, list]:
+    """Concatenate a batch of tokenized texts (``[CLS] text [SEP] [CLS] text [SEP] ...``, every column alike) and
+    cut the stream into blocks of `block_size` tokens; the last partial block is dropped, as in transformers'
+    ``run_mlm.py``. For ``datasets.Dataset.map(..., batched=True)``."""
+    stream = {name: list(itertools.chain.from_iterable(values)) for name, values in batch.items()}
+    length = len(stream["input_ids"]) // block_size * block_size
+    return {name: [values[i : i + block_size] for i in range(0, length, block_size)] for name, values in stream.items()}
 
 
 @torch.no_grad()

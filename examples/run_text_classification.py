@@ -31,6 +31,7 @@ from pathlib import Path
 from common import (
     EXAMPLES_DIR,
     accuracy_evaluator,
+    build_dataloader,
     build_dataloaders,
     build_parser,
     check_pretrained,
@@ -40,6 +41,7 @@ from common import (
     find_checkpoint,
     finish_run,
     label_config,
+    load_local_files,
     load_raw_datasets,
     parse_args,
     positive_int,
@@ -97,6 +99,14 @@ def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "max_position_embeddings. Saved as the tokenizer's model_max_length.",
     )
     model.add_argument(
+        "--test_file",
+        nargs="+",
+        default=None,
+        help="Local file(s) of a test split (same types and columns as --train_file), evaluated once, with the final "
+        "weights, after training: test_loss and test_accuracy in eval_results.json. Nothing during training looks "
+        "at it; choices are made on the validation split.",
+    )
+    parser.add_argument(
         "--predict_samples",
         nargs="+",
         default=DEFAULT_PREDICT_SAMPLES,
@@ -171,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # ------------------------------------------------------------------ data
     raw_datasets = load_raw_datasets(args, default_data_files=SAMPLE_DATA_FILES, hub_splits=HUB_SPLITS)
+    if args.test_file is not None:
+        raw_datasets["test"] = load_local_files(args.test_file, "test")  # labels encoded with the other splits
     check_training_column(raw_datasets, "--text_column", args.text_column)
     raw_datasets, label_names = encode_labels(raw_datasets, args.label_column)
     accelerator.print(raw_datasets)
@@ -208,6 +220,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     prepared = prepare_training(accelerator, args, model, train_dataloader, {"validation": eval_dataloader})
     evaluate_fn = accuracy_evaluator(accelerator, prepared.model, prepared.eval_dataloaders["validation"])
     metrics = train(accelerator, args, prepared, evaluate_fn=evaluate_fn, processor=tokenizer, checkpoint=checkpoint)
+    if "test" in tokenized:
+        # The final weights, once: the test split reports, it never chooses.
+        test_dataloader = accelerator.prepare(
+            build_dataloader(tokenized["test"], collator, args.eval_batch_size, shuffle=False, seed=args.seed)
+        )
+        test_metrics = accuracy_evaluator(accelerator, prepared.model, test_dataloader)()
+        metrics.update({f"test_{name}": value for name, value in test_metrics.items()})
+        accelerator.print(f"Test: loss {test_metrics['loss']:.4f}, accuracy {test_metrics['accuracy']:.4f}")
 
     # ------------------------------------------------------------------ save, share, show
     save_model(accelerator, prepared.model, args.output_dir, tokenizer)

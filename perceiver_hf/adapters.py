@@ -60,6 +60,11 @@ def _require_max_frequency(value: object) -> None:
         raise ValueError(f"max_frequency ({value!r}) must be positive or None")
 
 
+def _require_context_kernel_size(value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0):
+        raise ValueError(f"context_kernel_size ({value!r}) must be an odd positive integer or None")
+
+
 def _require_positive_ints(**values: object) -> None:
     """`_require_positive_int` of each keyword argument, in order."""
     for name, value in values.items():
@@ -123,30 +128,50 @@ class OutputAdapter(nn.Module):
 
 
 class TextInputAdapter(InputAdapter):
-    """Token embeddings plus learned position embeddings.
+    """Token embeddings plus learned position embeddings, optionally mixed with their neighbours'.
+
+    With `context_kernel_size` k, a 1D convolution over the sequence adds to each position a learned function
+    of the k embeddings centred on it (residually). The latents' cross-attention then reads n-gram features
+    instead of single tokens, and a masked LM whose decoder queries are its inputs
+    (`mlm_decoder_queries="inputs"`) predicts a masked token from its neighbours directly. Padding (attention
+    mask 0) is zeroed before the convolution, so a text's features do not depend on how much padding follows.
 
     Args:
         vocab_size: number of token ids.
         max_seq_len: number of learned positions; longer inputs raise a `ValueError`.
         num_input_channels: embedding width.
+        context_kernel_size: odd width of the context convolution; `None` (default) for none.
     """
 
-    def __init__(self, vocab_size: int, max_seq_len: int, num_input_channels: int) -> None:
+    # Takes the attention mask (to keep padding out of the context convolution) and passes it on unchanged.
+    adapts_attention_mask = True
+    config_settings = {"vocab_size": 10000, "max_position_embeddings": 512, "d_model": 256, "context_kernel_size": None}
+
+    def __init__(
+        self, vocab_size: int, max_seq_len: int, num_input_channels: int, context_kernel_size: int | None = None
+    ) -> None:
         _require_positive_ints(vocab_size=vocab_size, max_seq_len=max_seq_len, num_input_channels=num_input_channels)
+        _require_context_kernel_size(context_kernel_size)
         super().__init__(num_input_channels)
         self.token_embedding = nn.Embedding(vocab_size, num_input_channels)
         self.position_embedding = LearnedPositionEncoding(max_seq_len, num_input_channels)
-
-    config_settings = {"vocab_size": 10000, "max_position_embeddings": 512, "d_model": 256}
+        self.context = (
+            None
+            if context_kernel_size is None
+            else nn.Conv1d(
+                num_input_channels, num_input_channels, context_kernel_size, padding=context_kernel_size // 2
+            )
+        )
 
     @classmethod
     def from_config(cls, config: PerceiverConfig) -> TextInputAdapter:
-        return cls(config.vocab_size, config.max_position_embeddings, config.d_model)
+        return cls(config.vocab_size, config.max_position_embeddings, config.d_model, config.context_kernel_size)
 
     @classmethod
     def validate_config(cls, config: PerceiverConfig) -> None:
-        for name in cls.config_settings:
+        for name in ("vocab_size", "max_position_embeddings", "d_model"):
             _require_positive_int(name, getattr(config, name))
+        _require_context_kernel_size(config.context_kernel_size)
 
     @property
     def vocab_size(self) -> int:
@@ -158,7 +183,17 @@ class TextInputAdapter(InputAdapter):
         """The number of learned positions: the position table's rows (`resize_position_embeddings` changes it)."""
         return self.position_embedding.weight.shape[0]
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        Args:
+            input_ids: `(B, N)` token ids.
+            attention_mask: `(B, N)`, 1 for tokens, 0 for padding.
+
+        Returns:
+            `(features (B, N, C), attention_mask)`, the mask as given.
+        """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
@@ -180,7 +215,16 @@ class TextInputAdapter(InputAdapter):
                     f"input_ids must be token ids in [0, vocab_size={self.vocab_size}), got ids from {low} to {high}; "
                     "is the tokenizer the model's own?"
                 )
-        return self.token_embedding(input_ids) + self.position_embedding(seq_len)  # (B, N, C)
+        x = self.token_embedding(input_ids) + self.position_embedding(seq_len)  # (B, N, C)
+        if self.context is not None:
+            if attention_mask is not None and attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            unpadded = x if attention_mask is None else x * attention_mask.unsqueeze(-1).to(x.dtype)
+            x = x + self.context(unpadded.transpose(1, 2)).transpose(1, 2)  # (B, N, C)
+        return x, attention_mask
 
 
 IMAGE_PREPROCESSINGS = ("pixels", "conv", "patches")

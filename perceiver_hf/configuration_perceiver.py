@@ -56,6 +56,7 @@ def _all_adapter_settings() -> set[str]:
 
 
 HIDDEN_ACTIVATIONS = ("gelu", "geglu")
+MLM_DECODER_QUERIES = ("positions", "inputs")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 # transformers' loss choices for classification heads (None: inferred from num_labels and the labels' dtype).
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
@@ -115,6 +116,9 @@ class PerceiverConfig(PretrainedConfig):
             Text: number of learned input positions (and masked-LM output queries).
         d_model (`int`, *optional*, defaults to 256):
             Text: width of the token and position embeddings (the encoder's input channels).
+        context_kernel_size (`int`, *optional*):
+            Text: odd width of a 1D convolution that adds to each position's embedding a function of its
+            neighbours' (n-gram features for the cross-attention); `None`: none, as in DeepMind's models.
         image_size (`list[int]`, *optional*, defaults to `[224, 224]`):
             Image: configured `(height, width)`. Fourier-feature models also accept other sizes.
         num_channels (`int`, *optional*, defaults to 3):
@@ -245,6 +249,12 @@ class PerceiverConfig(PretrainedConfig):
             Classification: number of learned decoder queries.
         d_output_queries (`int`, *optional*):
             Classification: width of the learned decoder queries (`d_latents` when `None`).
+        mlm_decoder_queries (`str`, *optional*, defaults to `"positions"`):
+            Masked LM: the decoder's queries. `"positions"`: one learned query per position, as DeepMind's
+            model (no query residual); `"inputs"`: each position's adapted input (token + position embedding,
+            plus the context convolution when `context_kernel_size` is set), added back after the
+            cross-attention. With `"inputs"` a masked token is predicted from its own neighbourhood plus what the
+            latents hold, so training leaves the unigram plateau far sooner (see `examples/README.md`).
         decode_masked_only (`bool`, *optional*, defaults to `True`):
             Masked LM: in training mode with `labels`, decode only the labelled positions (same loss,
             far less compute at 15% masking); `logits` is then `None`.
@@ -326,6 +336,7 @@ class PerceiverConfig(PretrainedConfig):
         decoder_use_mlp: bool = True,
         num_output_queries: int = 1,
         d_output_queries: int | None = None,
+        mlm_decoder_queries: str = "positions",
         decode_masked_only: bool = True,
         freeze_encoder: bool = False,
         # shared
@@ -411,6 +422,7 @@ class PerceiverConfig(PretrainedConfig):
         self.decoder_use_mlp = decoder_use_mlp
         self.num_output_queries = num_output_queries
         self.d_output_queries = d_output_queries
+        self.mlm_decoder_queries = mlm_decoder_queries
         self.decode_masked_only = decode_masked_only
         self.freeze_encoder = freeze_encoder
         self.hidden_act = hidden_act
@@ -509,6 +521,7 @@ class PerceiverConfig(PretrainedConfig):
 
         choice("input_adapter", tuple(INPUT_ADAPTERS))
         choice("hidden_act", HIDDEN_ACTIVATIONS)
+        choice("mlm_decoder_queries", MLM_DECODER_QUERIES)
         choice("pooling", POOLINGS)
         for name in (
             "num_latents", "d_latents", "num_cross_attention_layers", "num_self_attention_blocks",

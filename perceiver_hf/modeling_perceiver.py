@@ -976,8 +976,12 @@ class PerceiverModel(PerceiverPreTrainedModel):
 class PerceiverForMaskedLM(PerceiverPreTrainedModel):
     """Perceiver IO masked language model (DeepMind's language Perceiver architecture).
 
-    The decoder's output queries are learned per position (`max_position_embeddings` x `d_model`); for
-    an input of length N the first N queries are decoded, so `logits` is `(B, N, vocab_size)`. In
+    With `config.mlm_decoder_queries="positions"` (DeepMind's layout) the decoder's output queries are learned
+    per position (`max_position_embeddings` x `d_model`) and the first N of them are decoded for an input of
+    length N; with `"inputs"` the queries are the input adapter's output at each position (token + position
+    embedding, plus the context convolution of `config.context_kernel_size`), added back after the
+    cross-attention, so a masked token is predicted from its neighbours and the latents. `logits` is
+    `(B, N, vocab_size)`. In
     training mode with `labels`, only the labelled positions are decoded when
     `config.decode_masked_only` (identical loss, about 6x less decoder work at 15% masking); `logits`
     is then `None`.
@@ -992,11 +996,14 @@ class PerceiverForMaskedLM(PerceiverPreTrainedModel):
         if config.input_adapter != "text":
             raise ValueError(f"PerceiverForMaskedLM needs input_adapter='text', got {config.input_adapter!r}")
         self.perceiver = PerceiverModel(config)
-        # DeepMind's masked-LM decoder has no query residual: the position queries carry no content.
+        self.queries_from_inputs = config.mlm_decoder_queries == "inputs"
+        # DeepMind's position queries carry no content, so their decoder has no query residual; queries built
+        # from the inputs do, and keep it (each prediction starts from its own position's features).
         self.decoder = PerceiverDecoder(
             config,
             TextOutputAdapter(config.vocab_size, config.max_position_embeddings, config.d_model),
-            use_query_residual=False,
+            use_query_residual=self.queries_from_inputs,
+            learned_queries=not self.queries_from_inputs,
         )
         self.post_init()
 
@@ -1004,6 +1011,9 @@ class PerceiverForMaskedLM(PerceiverPreTrainedModel):
         """Resize the input positions (see the base class) and the decoder's per-position output queries
         alike: the first `min(old, new)` queries keep their trained values, added ones are new."""
         super().resize_position_embeddings(new_num_position_embeddings)
+        if self.queries_from_inputs:  # the queries are the (resized) input positions' features
+            self.decoder.output_adapter.output_shape = (new_num_position_embeddings, self.config.d_model)
+            return
         std = self.config.initializer_range
         init_query = partial(nn.init.trunc_normal_, std=std, a=-2 * std, b=2 * std)  # as in _init_weights
         self.decoder.output_query = _resized_table(self.decoder.output_query, new_num_position_embeddings, init_query)
@@ -1039,15 +1049,28 @@ class PerceiverForMaskedLM(PerceiverPreTrainedModel):
             )
         if labels is not None:
             labels = _check_class_ids("labels", labels, self.config.vocab_size, "vocab_size")
-        encoded = self.perceiver(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        seq_len = input_ids.shape[1]
-        queries = self.decoder.output_query[:seq_len]  # (N, E)
+        if self.queries_from_inputs:
+            # The adapted inputs serve twice: as the encoder's inputs and as the decoder's queries.
+            adapted, attention_mask = self.perceiver.input_adapter(input_ids, attention_mask)  # (B, N, E)
+            encoded = self.perceiver.encoder(
+                adapted,
+                attention_mask=attention_mask,
+                output_attentions=self.config.output_attentions if output_attentions is None else output_attentions,
+                output_hidden_states=(
+                    self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+                ),
+                inputs_are_adapted=True,
+            )
+            queries = adapted  # (B, N, E)
+        else:
+            encoded = self.perceiver(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+            queries = self.decoder.output_query[: input_ids.shape[1]]  # (N, E)
 
         decode_labelled_only = labels is not None and self.training and self.config.decode_masked_only
         if decode_labelled_only:
@@ -1057,7 +1080,10 @@ class PerceiverForMaskedLM(PerceiverPreTrainedModel):
             is_labelled = labels != -100  # (B, N)
             num_decoded = max(int(is_labelled.sum(dim=1).max()), 1)
             positions = torch.argsort((~is_labelled).to(torch.int8), dim=1, stable=True)[:, :num_decoded]  # (B, K)
-            queries = queries[positions]  # (B, K, E)
+            if queries.ndim == 2:
+                queries = queries[positions]  # (B, K, E)
+            else:
+                queries = queries.gather(1, positions.unsqueeze(-1).expand(-1, -1, queries.shape[-1]))  # (B, K, E)
             labels = labels.gather(1, positions)  # (B, K)
 
         decoded = self.decoder(encoded.last_hidden_state, output_query=queries, output_attentions=output_attentions)

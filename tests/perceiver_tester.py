@@ -7,6 +7,7 @@ tiny (hidden size 16, 1-2 layers) so that the whole suite stays fast on a 2-core
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -125,6 +126,7 @@ class HeadSpec:
         output_name: the attribute of the output that holds the head's main result.
         output_shape: expected shape of that result for a batch `(B, N)` (`N` ignored for images).
         make_labels: builds `labels` for the inputs, or `None` for a head without a loss.
+        variant: names a second configuration of a head already listed (its test ids then differ).
     """
 
     model_class: type[PerceiverPreTrainedModel]
@@ -135,10 +137,11 @@ class HeadSpec:
     make_labels: Callable[[PerceiverConfig, dict[str, torch.Tensor]], torch.Tensor] | None = None
     # Inputs of heads that take neither token ids nor images: (config, lengths, seq_len, seed) -> model inputs.
     make_inputs: Callable[..., dict[str, torch.Tensor]] | None = None
+    variant: str | None = None
 
     @property
     def id(self) -> str:
-        return self.model_class.__name__
+        return self.model_class.__name__ + (f"[{self.variant}]" if self.variant else "")
 
     @property
     def is_text(self) -> bool:
@@ -225,6 +228,16 @@ HEAD_SPECS: list[HeadSpec] = [
         output_name="logits",
         output_shape=lambda c, b, n: (b, c.num_labels),
         make_labels=_class_labels,
+    ),
+    # The masked LM whose decoder queries are its inputs, with the text adapter's context convolution.
+    HeadSpec(
+        PerceiverForMaskedLM,
+        AutoModelForMaskedLM,
+        functools.partial(tiny_text_config, context_kernel_size=3, mlm_decoder_queries="inputs"),
+        output_name="logits",
+        output_shape=lambda c, b, n: (b, n, c.vocab_size),
+        make_labels=_mlm_labels,
+        variant="input-queries",
     ),
 ]
 

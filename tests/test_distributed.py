@@ -51,6 +51,9 @@ TINY_RUN = [
     "--eval_batch_size", str(EVAL_BATCH_SIZE), "--max_train_samples", "64", "--max_eval_samples", str(EVAL_SAMPLES),
     "--max_steps", "4", "--learning_rate", "5e-3", "--lr_scheduler", "constant", "--logging_steps", "1",
     "--checkpointing_steps", "4",
+    # One block per text, so that the validation blocks split evenly over the processes and batches (grouped blocks
+    # need not, and the repeated examples that even out the last batch would enter the loss's mean).
+    "--line_by_line",
 ]  # fmt: skip
 
 

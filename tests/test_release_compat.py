@@ -72,7 +72,8 @@ def test_release_0_1_0_models_load_and_give_their_logits(name: str, tmp_path: Pa
 
 
 def test_release_0_1_0_config_migrates() -> None:
-    """The flat text config carried image and audio settings; the migrated config holds the text adapter's only."""
+    """The flat text config carried image and audio settings; the migrated config holds the text adapter's only
+    (settings added since, like the context convolution, at their defaults: off)."""
     flat = json.loads((FIXTURES / "masked_lm" / "config.json").read_text())
     assert "image_size" in flat and "max_audio_samples" in flat and "vocab_size" in flat
     config = AutoConfig.from_pretrained(FIXTURES / "masked_lm")
@@ -81,7 +82,9 @@ def test_release_0_1_0_config_migrates() -> None:
         "vocab_size": flat["vocab_size"],
         "max_position_embeddings": flat["max_position_embeddings"],
         "d_model": flat["d_model"],
+        "context_kernel_size": None,
     }
+    assert config.mlm_decoder_queries == "positions"
     assert not hasattr(config, "image_size")
     # The encoder's weight sharing is unchanged by the migration.
     assert config.weight_sharing == ([0], [[0, 1], [2, 3]])
