@@ -19,7 +19,7 @@ from ..perceiver_pytorch._translate import (
     feed_forward_renames,
 )
 
-__all__ = ["fork_weight_sharing", "build_fork_encoder", "fork_layers_key_map"]
+__all__ = ["fork_weight_sharing", "build_fork_encoder", "build_multi_modality_encoder", "fork_layers_key_map"]
 
 
 def fork_weight_sharing(depth: int, blocks_per_layer: int, tied: bool) -> tuple[list[int], list[list[int]]]:
@@ -63,6 +63,16 @@ def build_fork_encoder(
         mlp_hidden_dropout=arguments["ff_dropout"],
     )
     return build_encoder(config)
+
+
+def build_multi_modality_encoder(arguments: Mapping[str, Any], *, input_dim: int, use_gelu: bool) -> PerceiverEncoder:
+    """The core encoder of the fork's multi-modality models (`build_perceiver_layers`): the fork's weight sharing
+    (`fork_weight_sharing` of the constructor's `depth`, `num_latent_blocks_per_layer` and `weight_tie_layers`)
+    and its extra residual around each latent transformer. `arguments`: as in `build_fork_encoder`."""
+    sharing = fork_weight_sharing(
+        arguments["depth"], arguments["num_latent_blocks_per_layer"], arguments["weight_tie_layers"]
+    )
+    return build_fork_encoder(arguments, input_dim=input_dim, sharing=sharing, use_gelu=use_gelu, block_residual=True)
 
 
 def fork_layers_key_map(encoder: PerceiverEncoder) -> list[KeyMapEntry]:

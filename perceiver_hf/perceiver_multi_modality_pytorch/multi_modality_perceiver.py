@@ -32,7 +32,7 @@ from torch.nn import Identity
 
 from ..perceiver_pytorch._translate import EncoderMirror, KeyMapEntry
 from ..perceiver_pytorch.perceiver_pytorch import position_features
-from ._fork import build_fork_encoder, fork_layers_key_map, fork_weight_sharing
+from ._fork import build_multi_modality_encoder, fork_layers_key_map
 from .modalities import InputModality, modality_encoding
 from .perceiver_pytorch import fourier_encode
 
@@ -104,13 +104,7 @@ class MultiModalityPerceiver(EncoderMirror):
         self.modalities = {modality.name: modality for modality in modalities}
         # One one-hot channel per modality, after the widest modality's channels.
         self.max_modality_dim = max(modality.input_dim for modality in modalities) + len(modalities)
-        self.encoder = build_fork_encoder(
-            locals(),
-            input_dim=self.max_modality_dim,
-            sharing=fork_weight_sharing(depth, num_latent_blocks_per_layer, weight_tie_layers),
-            use_gelu=use_gelu,
-            block_residual=True,
-        )
+        self.encoder = build_multi_modality_encoder(locals(), input_dim=self.max_modality_dim, use_gelu=use_gelu)
         self.to_logits = nn.Sequential(nn.LayerNorm(latent_dim), nn.Linear(latent_dim, num_classes))
 
     def forward(self, multi_modality_data: dict[str, Tensor], mask: Tensor | None = None) -> Tensor:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn import ModuleDict
 
 from ..perceiver_pytorch._translate import EncoderMirror, KeyMapEntry
-from ._fork import build_fork_encoder, fork_layers_key_map, fork_weight_sharing
+from ._fork import build_multi_modality_encoder, fork_layers_key_map
 from .modalities import InputModalityWithEmbedding
 from .multi_modality_perceiver import modality_inputs
 
@@ -64,13 +64,7 @@ class MultiModalityWithTextPerceiver(EncoderMirror):
         )
         # One one-hot channel per modality, after the widest modality's per-layer channels.
         self.max_modality_dim = max(modality.embedding_dim(self.depth) for modality in modalities) + len(modalities)
-        self.encoder = build_fork_encoder(
-            locals(),
-            input_dim=self.max_modality_dim,
-            sharing=fork_weight_sharing(depth, num_latent_blocks_per_layer, weight_tie_layers),
-            use_gelu=False,
-            block_residual=True,
-        )
+        self.encoder = build_multi_modality_encoder(locals(), input_dim=self.max_modality_dim, use_gelu=False)
         self.to_logits = nn.Sequential(nn.LayerNorm(latent_dim), nn.Linear(latent_dim, num_classes))
 
     def forward(self, multi_modality_data: dict[str, Tensor], mask: Tensor | None = None) -> Tensor:
