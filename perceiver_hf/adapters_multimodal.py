@@ -52,6 +52,7 @@ __all__ = [
     "MultimodalInputAdapter",
     "validate_modalities",
     "RESERVED_MODALITY_NAMES",
+    "merge_modality_inputs",
     "MODALITY_ENCODINGS",
     "AutoencodingOutputSpec",
     "validate_autoencoding_outputs",
@@ -63,6 +64,35 @@ RESERVED_MODALITY_NAMES = frozenset(
     {"inputs", "attention_mask", "labels", "output_attentions", "output_hidden_states", "return_dict", "kwargs"}
 )
 MASK_SUFFIX = "_mask"
+
+
+def merge_modality_inputs(
+    names: Sequence[str],
+    inputs: Mapping[str, torch.Tensor] | None,
+    attention_mask: Mapping[str, torch.Tensor] | None,
+    keyword_inputs: Mapping[str, torch.Tensor | None],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A multimodal model's inputs as two dicts `(data, masks)` keyed by modality name: the `inputs` and
+    `attention_mask` dicts, plus the `<name>=` / `<name>_mask=` keywords of its `forward(**modalities)` (those that
+    are `None` are skipped). A keyword that names none of the modalities `names`, or a modality given both as a
+    keyword and in a dict, is a `ValueError`."""
+    data, masks = dict(inputs or {}), dict(attention_mask or {})
+    for key, value in keyword_inputs.items():
+        if value is None:
+            continue
+        if key in names:
+            target, name = data, key
+        elif key.endswith(MASK_SUFFIX) and key[: -len(MASK_SUFFIX)] in names:
+            target, name = masks, key[: -len(MASK_SUFFIX)]
+        else:
+            raise ValueError(
+                f"unexpected argument {key!r}: this model takes the modalities {names} (and '<name>{MASK_SUFFIX}' "
+                "masks) as keywords"
+            )
+        if name in target:
+            raise ValueError(f"{key!r} was given twice (as a keyword and in a dict)")
+        target[name] = value
+    return data, masks
 
 
 def _is_positive_int(value: Any) -> bool:

@@ -25,7 +25,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.utils import ModelOutput
 
 from .adapters import OutputAdapter
-from .adapters_multimodal import MASK_SUFFIX
+from .adapters_multimodal import merge_modality_inputs
 from .configuration_perceiver import PerceiverConfig
 from .modeling_perceiver import (
     PerceiverDecoder,
@@ -214,33 +214,22 @@ class PerceiverForMultimodalClassification(PerceiverPreTrainedModel):
         attention_mask: Mapping[str, torch.Tensor] | torch.Tensor | None,
         keyword_inputs: dict[str, torch.Tensor | None],
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Merge `inputs` / `attention_mask` dicts and `<name>=` / `<name>_mask=` keywords into two dicts."""
-        names = self.modality_names
-        data = dict(inputs or {})
+        """Merge `inputs` / `attention_mask` dicts and `<name>=` / `<name>_mask=` keywords into two dicts (see
+        `merge_modality_inputs`), less the `None` entries; a tensor `attention_mask` is the one given modality's."""
         if isinstance(attention_mask, torch.Tensor):
-            present = [name for name in names if data.get(name) is not None or keyword_inputs.get(name) is not None]
+            given = inputs or {}
+            present = [
+                name
+                for name in self.modality_names
+                if given.get(name) is not None or keyword_inputs.get(name) is not None
+            ]
             if len(present) != 1:
                 raise ValueError(
                     "attention_mask must be a dict {modality name: mask} when several modalities are given "
                     f"(got a tensor for modalities {present})"
                 )
             attention_mask = {present[0]: attention_mask}
-        masks = dict(attention_mask or {})
-        for key, value in keyword_inputs.items():
-            if value is None:
-                continue
-            if key in names:
-                target, name = data, key
-            elif key.endswith(MASK_SUFFIX) and key[: -len(MASK_SUFFIX)] in names:
-                target, name = masks, key[: -len(MASK_SUFFIX)]
-            else:
-                raise ValueError(
-                    f"unexpected argument {key!r}: this model takes the modalities {names} (and '<name>{MASK_SUFFIX}' "
-                    "masks) as keywords"
-                )
-            if name in target:
-                raise ValueError(f"{key!r} was given twice (as a keyword and in a dict)")
-            target[name] = value
+        data, masks = merge_modality_inputs(self.modality_names, inputs, attention_mask, keyword_inputs)
         data = {name: value for name, value in data.items() if value is not None}
         masks = {name: value for name, value in masks.items() if value is not None}
         return data, masks

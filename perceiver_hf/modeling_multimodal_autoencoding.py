@@ -35,7 +35,12 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.utils import ModelOutput
 
 from .adapters import OutputAdapter, move_channels_last
-from .adapters_multimodal import AutoencodingOutputSpec, space_to_depth, validate_autoencoding_outputs
+from .adapters_multimodal import (
+    AutoencodingOutputSpec,
+    merge_modality_inputs,
+    space_to_depth,
+    validate_autoencoding_outputs,
+)
 from .configuration_perceiver import PerceiverConfig
 from .modeling_perceiver import PerceiverDecoder, PerceiverModel, PerceiverPreTrainedModel, _to_dtype
 
@@ -413,25 +418,11 @@ class PerceiverForMultimodalAutoencoding(PerceiverPreTrainedModel):
 
     def _gather_inputs(self, inputs, attention_mask, keywords) -> tuple[dict, dict]:
         """Merge `inputs` / `attention_mask` dicts and `<name>=` / `<name>_mask=` keywords into two dicts."""
-        names = self.modality_names
-        data, masks = dict(inputs or {}), dict(attention_mask or {})
-        for key, value in keywords.items():
-            if value is None:
-                continue
-            if key in names:
-                target, name = data, key
-            elif key.endswith("_mask") and key[: -len("_mask")] in names:
-                target, name = masks, key[: -len("_mask")]
-            else:
-                raise ValueError(
-                    f"unexpected argument {key!r}: this model takes the modalities {names} (and '<name>_mask' masks) "
-                    "as keywords"
-                )
-            if name in target:
-                raise ValueError(f"{key!r} was given twice (as a keyword and in a dict)")
-            target[name] = value
+        data, masks = merge_modality_inputs(self.modality_names, inputs, attention_mask, keywords)
         if not data:
-            raise ValueError(f"no input given: pass inputs={{name: tensor}} or keywords for the modalities {names}")
+            raise ValueError(
+                f"no input given: pass inputs={{name: tensor}} or keywords for the modalities {self.modality_names}"
+            )
         return data, masks
 
     def forward(
