@@ -10,8 +10,9 @@ Data: with no data option, synthetic flow: crops (random position, scale 1-2.5) 
 scikit-learn ships (`sklearn.datasets.load_sample_images()`, offline), the second frame the crop itself and the
 first frame the photograph sampled at each pixel moved by a random smooth flow field (translation, affine part and
 a smooth random field, at most ``--max_flow`` pixels), so the flow from the first frame to the second is known
-exactly. Training crops come from the left 75% of both photographs, validation crops from the right 25%, so
-validation pairs show unseen image content. ``--train_file`` / ``--validation_file`` (local files) or
+exactly. Crops without texture (mean image gradient below ``--min_texture``: sky, dark background) are drawn again,
+as their motion cannot be seen. Training crops come from the left 75% of both photographs, validation crops from
+the right 25%, so validation pairs show unseen image content. ``--train_file`` / ``--validation_file`` (local files) or
 ``--dataset_name`` (a Hub dataset) take real flow data instead: two frame columns (images, or image file paths) and
 a flow column (an `(H, W, 2)` array, an `(H, W, 3)` array whose last channel is the validity mask, or the path of a
 ``.flo`` / ``.npy`` file); frames are cropped to ``--image_size`` (random crops for training, central ones for
@@ -64,6 +65,7 @@ from perceiver_hf import PerceiverConfig, PerceiverForOpticalFlow
 from perceiver_hf.processing_optical_flow import PerceiverOpticalFlowProcessor, flow_to_color, read_flo
 
 TRAIN_FRACTION = 0.75  # synthetic data: training crops from the left 75% of each photograph, validation the rest
+MAX_CROP_ATTEMPTS = 100  # synthetic data: crops drawn per example before giving up on --min_texture
 
 
 def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -89,6 +91,13 @@ def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=positive_float,
         default=2.5,
         help="Synthetic crops cover 1 to this many photograph pixels per frame pixel.",
+    )
+    synthetic.add_argument(
+        "--min_texture",
+        type=non_negative_float,
+        default=0.05,
+        help="Synthetic crops (training and validation) are redrawn until their mean image-gradient magnitude (on "
+        "[-1, 1] pixels) reaches this: flat crops (sky, dark background, below ~0.02) show no motion. 0 keeps all.",
     )
 
     model = parser.add_argument_group("model (built from scratch)")
@@ -119,7 +128,13 @@ def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "for labels in pixels, 1 starts training far from the plateau of near-zero outputs.",
     )
     add_layout_arguments(model)
-    model.add_argument("--initializer_range", type=non_negative_float, default=0.02, help="config.initializer_range.")
+    model.add_argument(
+        "--initializer_range",
+        type=non_negative_float,
+        default=0.1,
+        help="config.initializer_range. 0.1 (not transformers' 0.02) puts the first layers' activations in their "
+        "non-linear range, which computing motion from raw intensities (products of differences) needs.",
+    )
     run = argument_group(parser, "run")
     run.add_argument(
         "--picture", default=None, help="Write a PNG of validation pairs: frame, ground truth, prediction."
@@ -135,7 +150,7 @@ def parse_cli(argv: Sequence[str] | None = None) -> argparse.Namespace:
         widening_factor=1,
         output_dir="outputs/optical-flow",
         batch_size=16,
-        learning_rate=5e-4,
+        learning_rate=1e-3,
         weight_decay=1e-4,
         dropout=0.0,
         max_steps=4000,
@@ -159,6 +174,15 @@ def _blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     return out[:, 0]
 
 
+def texture(frame: torch.Tensor) -> float:
+    """Mean image-gradient magnitude of a `(3, H, W)` frame in [-1, 1]: the mean over pixels of the length of the
+    grey image's forward differences (per pixel). Flat content (sky, a dark background) gives ~0.01 or less, where
+    the motion cannot be seen."""
+    grey = frame.mean(0)
+    dx, dy = grey[:-1, 1:] - grey[:-1, :-1], grey[1:, :-1] - grey[:-1, :-1]
+    return float(torch.sqrt(dx**2 + dy**2).mean())
+
+
 def random_smooth_flow(rng: np.random.Generator, size: Sequence[int], max_flow: float) -> np.ndarray:
     """A random smooth flow field `(H, W, 2)` of at most `max_flow` pixels: a translation, an affine part (rotation,
     scaling, shear) and a smooth random field (a 3 x 4 grid of random vectors, bicubically interpolated)."""
@@ -176,6 +200,14 @@ def random_smooth_flow(rng: np.random.Generator, size: Sequence[int], max_flow: 
     return flow.astype(np.float32)
 
 
+def _sample(photo: torch.Tensor, points: np.ndarray) -> torch.Tensor:
+    """Bilinear samples of a `(3, H', W')` photograph at `(H, W, 2)` photograph coordinates `(x, y)` -> `(3, H, W)`."""
+    _, photo_h, photo_w = photo.shape
+    grid = 2 * points / np.array([photo_w - 1, photo_h - 1]) - 1  # grid_sample's [-1, 1], align_corners
+    grid = torch.from_numpy(grid.astype(np.float32))[None]  # (1, H, W, 2)
+    return F.grid_sample(photo[None], grid, mode="bilinear", align_corners=True)[0]
+
+
 class SyntheticFlowDataset(Dataset):
     """Frame pairs with known flow from real photographs warped by random smooth flow fields.
 
@@ -183,7 +215,9 @@ class SyntheticFlowDataset(Dataset):
     and a crop position in the photograph's `region` (columns `[start, stop)` as fractions of its width); the second
     frame samples the photograph at `origin + s * p` for each pixel `p`; the first frame at `origin + s * (p + f(p))`
     for a random smooth flow `f` (`random_smooth_flow`), so pixel `p` of the first frame shows what pixel
-    `p + f(p)` of the second shows, and `f` is the flow from the first frame to the second, exactly.
+    `p + f(p)` of the second shows, and `f` is the flow from the first frame to the second, exactly. With
+    `min_texture` > 0, crops whose second frame has a mean image-gradient magnitude (`texture`) below it are drawn
+    again (same random stream), so no pair is flat (sky, dark background) and motionless to the eye.
 
     Items: `{"pixel_values": (2, 3, H, W) in [-1, 1], "labels": (H, W, 2)}` (the processor's scaling).
     """
@@ -197,41 +231,44 @@ class SyntheticFlowDataset(Dataset):
         max_flow: float,
         max_crop_scale: float = 2.5,
         seed: int = 0,
+        min_texture: float = 0.0,
     ) -> None:
         self.photographs = [
             _blur(torch.from_numpy(np.array(p)).permute(2, 0, 1).float() / 255.0, 0.8) for p in photographs
         ]
         self.region, self.size, self.num_pairs = region, tuple(size), num_pairs
         self.max_flow, self.max_crop_scale, self.seed = max_flow, max_crop_scale, seed
+        self.min_texture = min_texture
 
     def __len__(self) -> int:
         return self.num_pairs
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, index])
-        photo = self.photographs[rng.integers(len(self.photographs))]
-        _, photo_h, photo_w = photo.shape
         h, w = self.size
-        left, right = (round(f * photo_w) for f in self.region)
-        scale = rng.uniform(1.0, self.max_crop_scale)
-        margin = scale * self.max_flow + 2  # the first frame samples up to max_flow pixels outside the crop
-        span_y, span_x = scale * (h - 1) + 2 * margin, scale * (w - 1) + 2 * margin
-        if span_y > photo_h or span_x > right - left:
-            raise ValueError(f"crops of {self.size} at scale {scale:.2f} do not fit the photograph region")
-        origin_y = rng.uniform(0, photo_h - span_y) + margin
-        origin_x = left + rng.uniform(0, right - left - span_x) + margin
-        flow = random_smooth_flow(rng, self.size, self.max_flow)  # (H, W, 2)
         ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
         pixels = np.stack([xs, ys], axis=-1).astype(np.float32)  # (H, W, 2), (x, y)
-
-        def sample(points: np.ndarray) -> torch.Tensor:
-            source = np.array([origin_x, origin_y]) + scale * points  # photograph coordinates (x, y)
-            grid = 2 * source / np.array([photo_w - 1, photo_h - 1]) - 1  # grid_sample's [-1, 1], align_corners
-            grid = torch.from_numpy(grid.astype(np.float32))[None]  # (1, H, W, 2)
-            return F.grid_sample(photo[None], grid, mode="bilinear", align_corners=True)[0]  # (3, H, W)
-
-        second = sample(pixels)
-        first = sample(pixels + flow)
+        for _ in range(MAX_CROP_ATTEMPTS):  # draw crops until one has texture (the first one if min_texture is 0)
+            photo = self.photographs[rng.integers(len(self.photographs))]
+            _, photo_h, photo_w = photo.shape
+            left, right = (round(f * photo_w) for f in self.region)
+            scale = rng.uniform(1.0, self.max_crop_scale)
+            margin = scale * self.max_flow + 2  # the first frame samples up to max_flow pixels outside the crop
+            span_y, span_x = scale * (h - 1) + 2 * margin, scale * (w - 1) + 2 * margin
+            if span_y > photo_h or span_x > right - left:
+                raise ValueError(f"crops of {self.size} at scale {scale:.2f} do not fit the photograph region")
+            origin_y = rng.uniform(0, photo_h - span_y) + margin
+            origin = np.array([left + rng.uniform(0, right - left - span_x) + margin, origin_y])  # (x, y)
+            second = _sample(photo, origin + scale * pixels)
+            if self.min_texture == 0 or texture(second * 2 - 1) >= self.min_texture:
+                break
+        else:
+            raise ValueError(
+                f"no crop of the photographs' region {self.region} reached --min_texture {self.min_texture} in "
+                f"{MAX_CROP_ATTEMPTS} attempts (example {index}); lower it"
+            )
+        flow = random_smooth_flow(rng, self.size, self.max_flow)  # (H, W, 2)
+        first = _sample(photo, origin + scale * (pixels + flow))
         return {"pixel_values": torch.stack([first, second]) * 2 - 1, "labels": torch.from_numpy(flow)}
 
 
@@ -239,7 +276,8 @@ def synthetic_splits(args: argparse.Namespace) -> dict[str, Dataset]:
     from sklearn.datasets import load_sample_images  # examples-only dependency (the package never imports it)
 
     photographs = load_sample_images().images  # china.jpg and flower.jpg, 427 x 640
-    common = dict(size=args.image_size, max_flow=args.max_flow, max_crop_scale=args.max_crop_scale)
+    common = dict(size=args.image_size, max_flow=args.max_flow, max_crop_scale=args.max_crop_scale,
+                  min_texture=args.min_texture)  # fmt: skip
     return {
         "train": SyntheticFlowDataset(photographs, (0.0, TRAIN_FRACTION), num_pairs=args.num_train_pairs,
                                       seed=args.seed, **common),

@@ -250,11 +250,11 @@ def test_pipeline_returns_flow_and_picture(tmp_path):
         flow_pipeline((first, second[:10]))
 
 
-def _synthetic(num_pairs: int, seed: int, region=(0.0, 0.75)):
+def _synthetic(num_pairs: int, seed: int, region=(0.0, 0.75), min_texture=0.0):
     from sklearn.datasets import load_sample_images
 
     return run_optical_flow.SyntheticFlowDataset(load_sample_images().images, region, (16, 24), num_pairs,
-                                                 max_flow=2.0, seed=seed)  # fmt: skip
+                                                 max_flow=2.0, seed=seed, min_texture=min_texture)  # fmt: skip
 
 
 def test_synthetic_pairs_have_exact_ground_truth():
@@ -268,6 +268,27 @@ def test_synthetic_pairs_have_exact_ground_truth():
     warped = F.grid_sample(second[None], grid[None], align_corners=True)[0]
     inside = (grid.abs() < 0.9).all(-1)
     assert (warped - first).abs().mean(0)[inside].mean() < 0.4 * (second - first).abs().mean(0)[inside].mean()
+
+
+def test_synthetic_pairs_reject_flat_crops():
+    flat = np.full((120, 160, 3), 128, np.uint8)
+    noise = np.random.default_rng(0).integers(0, 256, (120, 160, 3)).astype(np.uint8)
+    assert run_optical_flow.texture(torch.zeros(3, 16, 24)) == 0.0
+    assert run_optical_flow.texture(torch.from_numpy(noise[:16, :24]).permute(2, 0, 1) / 127.5 - 1) > 0.05
+
+    def pairs(photographs, min_texture, region=(0.0, 1.0)):
+        return run_optical_flow.SyntheticFlowDataset(photographs, region, (16, 24), 8, max_flow=2.0,
+                                                     min_texture=min_texture)  # fmt: skip
+
+    assert pairs([flat], 0.0)[0]["pixel_values"].std() < 1e-6  # no rejection: the flat crop is kept
+    with pytest.raises(ValueError, match="reached --min_texture 0.05"):
+        pairs([flat], 0.05)[0]
+    mixed = pairs([flat, noise], 0.05)  # every pair is drawn from the textured photograph
+    assert all(run_optical_flow.texture(mixed[i]["pixel_values"][1]) >= 0.05 for i in range(8))
+    # The photographs: the held-out region's pairs have texture too, and keep exact ground truth.
+    validation = _synthetic(8, seed=1, region=(0.75, 1.0), min_texture=0.05)
+    assert all(run_optical_flow.texture(validation[i]["pixel_values"][1]) >= 0.05 for i in range(8))
+    assert _synthetic(2, seed=0, min_texture=0.0)[1]["labels"].equal(_synthetic(2, seed=0)[1]["labels"])
 
 
 def test_trainer_training_lowers_end_point_error(tmp_path):
