@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# Reproduce the IMDb quality target of issue 3: sentiment accuracy on the 25,000 IMDb test reviews,
-# trained from scratch on the local IMDb data only (no Hub access, no external corpus):
+# The IMDb quality recipe (issue 15): sentiment accuracy on the 25,000 IMDb test reviews, trained from scratch
+# on the local IMDb data only (no Hub access, no external corpus):
 #
-#   1. masked LM on train + unsupervised (75,000 reviews), tokenizer trained on the same texts;
-#   2. stage 1: classification decoder on the frozen MLM encoder (train, 25,000 labelled reviews);
+#   0. hold out VALIDATION_SIZE labelled training reviews (seeded): every choice is made on them;
+#   1. masked LM on the other training reviews + the unlabelled ones, tokenizer trained on the same texts;
+#   2. stage 1: classification decoder on the frozen MLM encoder (the remaining labelled training reviews);
 #   3. stage 2: the whole classifier fine-tuned from stage 1 with a lower learning rate.
 #
-# The test split is only used to report accuracy (and the MLM validation loss): nothing is selected on
-# it, every run trains for a fixed number of steps or epochs and the final weights are reported.
+# The test split is only read by each classification stage's final weights (--test_file): nothing is selected
+# on it, every run trains for a fixed number of steps or epochs.
 #
 # Run from the repository root, with shared/ beside the repository (as in CI):
 #
-#   bash examples/imdb_quality.sh                                       # GPU: add MIXED_PRECISION=bf16
-#   MLM_STEPS=2000 CLF1_EPOCHS=1 CLF2_EPOCHS=1 bash examples/imdb_quality.sh   # a shorter trial
+#   bash examples/imdb_quality.sh                                       # bf16 where the hardware has it
+#   MLM_STEPS=2000 CLF2_EPOCHS=1 bash examples/imdb_quality.sh          # a shorter trial
+#   OMP_NUM_THREADS=1 bash examples/imdb_quality.sh                     # when another job shares a 2-core CPU
 #
 # The hyper-parameters and why they were chosen: examples/README.md ("IMDb sentiment classification").
 # Each stage writes its model, tokenizer, eval_results.json and TensorBoard logs (runs/) to its folder
