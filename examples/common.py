@@ -25,6 +25,7 @@ Every helper takes the parsed `args` or plain values, so a new script reuses the
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -700,6 +701,16 @@ class BatchSeededCollator:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.collator(features)
+
+
+def group_texts(batch: dict[str, list], block_size: int) -> dict[str, list]:
+    """Concatenate a batch of tokenized texts (``[CLS] text [SEP] [CLS] text [SEP] ...``, every column alike) and
+    cut the stream into blocks of `block_size` tokens; the last partial block is dropped, as in transformers'
+    ``run_mlm.py``. For ``datasets.Dataset.map(..., batched=True, fn_kwargs={"block_size": ...})``: a map batch's
+    remainder is dropped, so blocks never span two map batches."""
+    stream = {name: list(itertools.chain.from_iterable(values)) for name, values in batch.items()}
+    length = len(stream["input_ids"]) // block_size * block_size
+    return {name: [values[i : i + block_size] for i in range(0, length, block_size)] for name, values in stream.items()}
 
 
 def build_dataloader(

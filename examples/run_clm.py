@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
-from itertools import chain
 
 import torch
 from accelerate.utils import broadcast_object_list
@@ -42,6 +41,7 @@ from common import (
     evaluate_model,
     find_checkpoint,
     finish_run,
+    group_texts,
     load_raw_datasets,
     parse_args,
     positive_int,
@@ -157,11 +157,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return {"input_ids": [row + [end_of_text] for row in ids], "num_bytes": num_bytes}
 
     def group(batch: dict[str, list]) -> dict[str, list]:
-        # Concatenate the texts of this map batch and cut them into full blocks (the remainder is dropped).
-        ids = list(chain.from_iterable(batch["input_ids"]))
-        n = len(ids) // args.max_seq_len * args.max_seq_len
-        blocks = [ids[i : i + args.max_seq_len] for i in range(0, n, args.max_seq_len)]
-        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+        # Full blocks of the concatenated texts; each block is its own target (the model shifts internally).
+        blocks = group_texts(batch, args.max_seq_len)
+        return {"input_ids": blocks["input_ids"], "labels": [list(b) for b in blocks["input_ids"]]}
 
     with accelerator.main_process_first():
         tokenized = raw_datasets.map(

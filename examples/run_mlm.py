@@ -26,7 +26,6 @@ stop and continue exactly.
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 from collections.abc import Sequence
 
@@ -43,6 +42,7 @@ from common import (
     create_hub_repo,
     find_checkpoint,
     finish_run,
+    group_texts,
     load_raw_datasets,
     non_negative_int,
     parse_args,
@@ -335,15 +335,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"  {sample}")
             for fills in per_mask:
                 print("    " + ", ".join(f"{p['token_str']} ({p['score']:.3f})" for p in fills))
-
-
-def group_texts(batch: dict[str, list], block_size: int) -> dict[str, list]:
-    """Concatenate a batch of tokenized texts (``[CLS] text [SEP] [CLS] text [SEP] ...``, every column alike) and
-    cut the stream into blocks of `block_size` tokens; the last partial block is dropped, as in transformers'
-    ``run_mlm.py``. For ``datasets.Dataset.map(..., batched=True)``."""
-    stream = {name: list(itertools.chain.from_iterable(values)) for name, values in batch.items()}
-    length = len(stream["input_ids"]) // block_size * block_size
-    return {name: [values[i : i + block_size] for i in range(0, length, block_size)] for name, values in stream.items()}
 
 
 @torch.no_grad()
