@@ -129,18 +129,38 @@ def eager_attention_forward(
     weights `(B, H, Nq, Nkv)`.
     """
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, Nq, Nkv)
+    # Half-precision scores keep their dtype through the softmax: its kernels accumulate in fp32 whatever the
+    # dtype, and an fp32 copy of the weights would only be cast back (two more passes over Nq x Nkv per head).
+    softmax_dtype = None if scores.dtype in (torch.bfloat16, torch.float16) else torch.float32
     if inverted:
-        # Softmax in fp32 keeps half-precision runs stable (both branches).
-        weights = scores.softmax(dim=-2, dtype=torch.float32).to(query.dtype)
+        weights = scores.softmax(dim=-2, dtype=softmax_dtype).to(query.dtype)
         if attention_mask is not None:
             weights = weights.masked_fill(~attention_mask, 0.0)
         weights = F.normalize(weights, p=1, dim=-1, eps=1e-8)
     else:
         if attention_mask is not None:
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-        weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+        weights = scores.softmax(dim=-1, dtype=softmax_dtype).to(query.dtype)
     out = torch.matmul(F.dropout(weights, p=dropout, training=module.training), value)  # (B, H, Nq, Dv)
     return out.transpose(1, 2), weights
+
+
+# On CPU in bf16/fp16, SDPA's flash-attention kernel is slower than two half-precision matmuls with a softmax
+# between them while the keys are few; with many keys (a 224x224 image's 50,176 pixels) it is faster and does not
+# materialise the (B, H, Nq, Nkv) scores. Training steps of benchmarks/run.py, bf16 autocast, AMD EPYC with
+# avx512_bf16, one thread (SDPA / matmul): 28x28 image (784 keys) 670 / 580 ms, masked LM of 512 tokens 773 / 701 ms,
+# 224x224 image 2,145 / 2,955 ms. fp32 keeps SDPA (28x28 image: 1,022 / 1,141 ms).
+MATMUL_ATTENTION_MAX_KEYS = 2048
+
+
+def sdpa_prefers_matmul(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Whether "sdpa" attention of `query` `(B, H, Nq, Dk)` over `key` `(B, H, Nkv, Dk)` runs faster as eager
+    matmuls (the same result): on CPU, in half precision, with at most `MATMUL_ATTENTION_MAX_KEYS` keys."""
+    return (
+        query.device.type == "cpu"
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and key.shape[-2] <= MATMUL_ATTENTION_MAX_KEYS
+    )
 
 
 class PerceiverAttention(nn.Module):
@@ -149,8 +169,9 @@ class PerceiverAttention(nn.Module):
 
     The attention itself runs through transformers' attention interface, chosen by `config._attn_implementation`
     ("sdpa" by default, "eager", or any kernel transformers registers); `output_attentions=True` runs the eager
-    path, which returns the weights. `config.qkv_bias` gives the query, key and value projections a bias (DeepMind
-    and transformers: yes; lucidrains' perceiver-pytorch: no).
+    path, which returns the weights. "sdpa" on CPU in half precision over few keys runs the eager matmuls, which
+    are faster there (`sdpa_prefers_matmul`). `config.qkv_bias` gives the query, key and value projections a bias
+    (DeepMind and transformers: yes; lucidrains' perceiver-pytorch: no).
 
     Args:
         config: the model's config (`qkv_bias`, `attention_dropout`, the attention implementation).
@@ -258,6 +279,8 @@ class PerceiverAttention(nn.Module):
         # The weights are only returned by the eager path; a module used outside a PreTrainedModel (the older APIs'
         # translators) has no implementation set and takes SDPA.
         implementation = "eager" if output_attentions else self.config._attn_implementation or "sdpa"
+        if implementation == "sdpa" and sdpa_prefers_matmul(q, k):
+            implementation = "eager"
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         if inverted:  # only the eager function has inverted attention
             attention = partial(eager_attention_forward, inverted=True)

@@ -60,7 +60,8 @@ def test_tiny_cpu_run_trains_every_head_in_both_precisions(tmp_path: Path) -> No
         assert row["fp16"]["skipped_steps"] >= 0 and row["fp16"]["loss_scale"] > 0
         bf16 = row["bf16"]
         assert bf16["flops_per_step"] > 0 and bf16["tflops_per_s"] > 0 and bf16["mfu_matmul"] > 0
-        assert bf16["sdpa"]["backends"], f"{head}: the profiler recorded no SDPA call"
+        # On CPU, bf16 attention over few keys runs as matmuls (`sdpa_prefers_matmul`): tiny models record those.
+        assert bf16["sdpa"]["backends"], f"{head}: the profiler recorded no attention call"
     # The Markdown table: a header and one line per head.
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| head |") and len(table) == 1 + len(rows)

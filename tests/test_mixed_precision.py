@@ -131,3 +131,41 @@ def test_trainer_trains_every_head_in_bf16(spec: HeadSpec, tmp_path: Path) -> No
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert torch.isfinite(torch.tensor(trainer.evaluate()["eval_loss"]))
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_cpu_half_precision_attention_over_few_keys_runs_as_matmuls(monkeypatch) -> None:
+    """With attn_implementation "sdpa", bf16 attention on CPU over few keys runs as matmuls (faster than SDPA's
+    flash kernel there, benchmarks/run.py), through SDPA with many keys and in fp32; both give the same result."""
+    from perceiver_hf import PerceiverConfig
+    from perceiver_hf import modeling_perceiver as mp
+    from perceiver_hf.modeling_perceiver import PerceiverAttention
+
+    config = PerceiverConfig(num_latents=4, d_latents=16)
+    config._attn_implementation = "sdpa"
+    attention = PerceiverAttention(config, num_heads=2, q_channels=16, kv_channels=8).eval()
+    x_q, x_kv = torch.randn(2, 3, 16), torch.randn(2, 5, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, _ = attention(x_q, x_kv)  # 5 keys: matmuls
+
+    sdpa_calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        sdpa_calls.append(args[1].shape)
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        few_keys, _ = attention(x_q, x_kv)
+    assert sdpa_calls == []
+    torch.testing.assert_close(few_keys, expected)
+
+    with torch.no_grad():
+        attention(x_q, x_kv)  # fp32: SDPA
+    assert len(sdpa_calls) == 1
+
+    monkeypatch.setattr(mp, "MATMUL_ATTENTION_MAX_KEYS", 4)  # 5 keys are now "many": SDPA, same attention
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        many_keys, _ = attention(x_q, x_kv)
+    assert len(sdpa_calls) == 2
+    torch.testing.assert_close(many_keys, expected, atol=2e-2, rtol=2e-2)
