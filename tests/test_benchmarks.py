@@ -97,8 +97,10 @@ def test_measurement_under_bf16_autocast():
         assert result["precision"] == precision and result["train_s"] > 0 and result["infer_s"] > 0
         # autocast: weights and gradients stay fp32
         assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in measurement.model.parameters())
-    assert results["bf16"]["train_flops"] == results["fp32"]["train_flops"] > 0
+    # The forward runs the same matmuls in both precisions. In bf16 the attention over these few keys runs as
+    # matmuls (`sdpa_prefers_matmul`), whose backward does not recompute the scores as SDPA's flash kernel's does.
     assert results["bf16"]["infer_flops"] == results["fp32"]["infer_flops"] > 0
+    assert 0.9 * results["fp32"]["train_flops"] < results["bf16"]["train_flops"] < results["fp32"]["train_flops"]
 
 
 def test_matmul_rate_per_precision():
