@@ -71,7 +71,8 @@ SDPA_OPS = {
     "aten::_scaled_dot_product_fused_attention_overrideable": "overrideable",
 }
 # The softmax of attention computed as matmuls: "eager", and "sdpa" on CPU in half precision over few keys
-# (`perceiver_hf.modeling_perceiver.sdpa_prefers_matmul`); the heads' losses use log_softmax, not this op.
+# (`perceiver_hf.modeling_perceiver.sdpa_prefers_matmul`); the heads' losses use log_softmax, not this op. SDPA's
+# math backend calls it too, inside its own op: only a softmax outside every SDPA op counts as the matmul path.
 EAGER_ATTENTION_OP = "aten::softmax"
 ATTENTION_KERNEL_WORDS = ("flash", "fmha", "attention", "sdpa", "attn")
 
@@ -364,6 +365,16 @@ def training_step(
     return step
 
 
+def _inside_sdpa(event) -> bool:
+    """Whether a profiler event ran inside an SDPA op (the math backend's own softmax, for instance)."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name in SDPA_OPS or parent.name == "aten::scaled_dot_product_attention":
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def sdpa_backends(step: Callable[[], torch.Tensor], device: torch.device) -> dict[str, Any]:
     """Which SDPA backend (or the matmul path) each attention call of one step ran, from the aten ops the profiler
     recorded."""
@@ -379,7 +390,7 @@ def sdpa_backends(step: Callable[[], torch.Tensor], device: torch.device) -> dic
     for event in profiler.events():
         if event.name in SDPA_OPS:
             calls[SDPA_OPS[event.name]] += 1
-        elif event.name == EAGER_ATTENTION_OP:
+        elif event.name == EAGER_ATTENTION_OP and not _inside_sdpa(event):
             calls["matmul + softmax"] += 1
         elif event.device_type == DeviceType.CUDA and any(w in event.name.lower() for w in ATTENTION_KERNEL_WORDS):
             kernels.add(event.name[:160])

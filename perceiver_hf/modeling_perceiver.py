@@ -109,6 +109,9 @@ def apply_rotary_position_embeddings(x: torch.Tensor, cos: torch.Tensor, sin: to
     return torch.cat((x_rot, x_pass), dim=-1)
 
 
+HALF_PRECISIONS = (torch.bfloat16, torch.float16)
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -131,7 +134,7 @@ def eager_attention_forward(
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, Nq, Nkv)
     # Half-precision scores keep their dtype through the softmax: its kernels accumulate in fp32 whatever the
     # dtype, and an fp32 copy of the weights would only be cast back (two more passes over Nq x Nkv per head).
-    softmax_dtype = None if scores.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    softmax_dtype = None if scores.dtype in HALF_PRECISIONS else torch.float32
     if inverted:
         weights = scores.softmax(dim=-2, dtype=softmax_dtype).to(query.dtype)
         if attention_mask is not None:
@@ -146,21 +149,16 @@ def eager_attention_forward(
 
 
 # On CPU in bf16/fp16, SDPA's flash-attention kernel is slower than two half-precision matmuls with a softmax
-# between them while the keys are few; with many keys (a 224x224 image's 50,176 pixels) it is faster and does not
-# materialise the (B, H, Nq, Nkv) scores. Training steps of benchmarks/run.py, bf16 autocast, AMD EPYC with
-# avx512_bf16, one thread (SDPA / matmul): 28x28 image (784 keys) 670 / 580 ms, masked LM of 512 tokens 773 / 701 ms,
-# 224x224 image 2,145 / 2,955 ms. fp32 keeps SDPA (28x28 image: 1,022 / 1,141 ms).
+# between them while the keys are few; with many keys (a 224x224 image's 50,176 pixels) it is as fast and does not
+# materialise the (B, H, Nq, Nkv) scores; in fp32 it is faster. The training-step measurements behind the limit:
+# benchmarks/README.md, "Attention kernel per dtype and shape".
 MATMUL_ATTENTION_MAX_KEYS = 2048
 
 
 def sdpa_prefers_matmul(query: torch.Tensor, key: torch.Tensor) -> bool:
     """Whether "sdpa" attention of `query` `(B, H, Nq, Dk)` over `key` `(B, H, Nkv, Dk)` runs faster as eager
     matmuls (the same result): on CPU, in half precision, with at most `MATMUL_ATTENTION_MAX_KEYS` keys."""
-    return (
-        query.device.type == "cpu"
-        and query.dtype in (torch.bfloat16, torch.float16)
-        and key.shape[-2] <= MATMUL_ATTENTION_MAX_KEYS
-    )
+    return query.device.type == "cpu" and query.dtype in HALF_PRECISIONS and key.shape[-2] <= MATMUL_ATTENTION_MAX_KEYS
 
 
 class PerceiverAttention(nn.Module):

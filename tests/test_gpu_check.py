@@ -80,3 +80,25 @@ def test_spent_budget_skips_heads_with_a_note(tmp_path: Path) -> None:
 def test_wrapper_fails_clearly_without_a_gpu() -> None:
     result = run_wrapper("--output", "unused.json")
     assert result.returncode != 0 and "no CUDA device" in result.stderr
+
+
+def test_attention_backends_count_each_call_once() -> None:
+    """SDPA's math backend runs its own softmax: that call is "math", not also the matmul path."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, 2, 4, 8)
+
+    def math_sdpa():
+        with sdpa_kernel(SDPBackend.MATH):
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+    def matmuls():
+        return (q @ q.transpose(-1, -2)).softmax(-1) @ q
+
+    assert gpu_check.sdpa_backends(math_sdpa, torch.device("cpu"))["backends"] == {"math": 1}
+    assert gpu_check.sdpa_backends(matmuls, torch.device("cpu"))["backends"] == {"matmul + softmax": 1}
