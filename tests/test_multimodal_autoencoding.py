@@ -288,6 +288,28 @@ def test_trainer_trains_it_and_the_loss_falls(tmp_path: Path) -> None:
     assert after < 0.7 * before, (before, after)
 
 
+def test_trainer_trains_it_in_bf16(tmp_path: Path) -> None:
+    """`Trainer(bf16=True)` (CPU autocast): finite losses for every modality, fp32 master weights that move."""
+    torch.manual_seed(0)
+    model = PerceiverForMultimodalAutoencoding(tiny_config())
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-3, bf16=True,
+        remove_unused_columns=False, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=_Pairs(), data_collator=_collate)
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    moved = [name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])]
+    assert len(moved) >= 0.8 * len(before)
+    batch = _collate([_Pairs()[i] for i in range(4)])
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(**batch)
+    assert torch.isfinite(outputs.loss) and all(torch.isfinite(loss) for loss in outputs.losses.values())
+
+
 # ---------------------------------------------------------------------------------------------------- errors
 
 
