@@ -53,8 +53,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 __all__ = [
-    "EXAMPLES_DIR",
     "BatchSeededCollator",
+    "EXAMPLES_DIR",
     "PreparedTraining",
     "ResumePoint",
     "TrainingLength",
@@ -74,6 +74,7 @@ __all__ = [
     "evaluate_model",
     "find_checkpoint",
     "finish_run",
+    "hold_out_groups",
     "label_config",
     "layout_config",
     "load_checkpoint",
@@ -201,6 +202,19 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         type=positive_int,
         default=5,
         help="Percentage of the training data held out for validation when the data has no validation split.",
+    )
+    data.add_argument(
+        "--validation_split_column",
+        default=None,
+        help="Hold out whole groups instead of a random percentage: the training rows whose value in this column "
+        "is one of --validation_split_values become the validation split (e.g. a speaker, or FSDD's recording "
+        "'index', so that validation, like a test split, holds recordings the model never heard).",
+    )
+    data.add_argument(
+        "--validation_split_values",
+        nargs="+",
+        default=None,
+        help="The --validation_split_column values held out, compared as text (e.g. 5 6 7 8 9, or theo).",
     )
     data.add_argument("--text_column", default="text", help="Column holding the input text.")
     data.add_argument("--label_column", default="label", help="Column holding the label (classification tasks).")
@@ -336,6 +350,13 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         parser.error("--validation_file needs --train_file")
     if not args.validation_split_percentage < 100:
         parser.error(f"argument --validation_split_percentage: must be < 100, got {args.validation_split_percentage}")
+    if (args.validation_split_column is None) != (args.validation_split_values is None):
+        parser.error(
+            "--validation_split_column and --validation_split_values go together, got "
+            f"column {args.validation_split_column!r} and values {args.validation_split_values!r}"
+        )
+    if args.validation_split_column is not None and args.validation_file is not None:
+        parser.error("give either --validation_file or --validation_split_column, not both")
     for option in ("train_file", "validation_file"):
         for path in getattr(args, option) or []:
             _check_data_file(parser, option, path)
@@ -583,12 +604,18 @@ def load_raw_datasets(
 
 
 def split_and_limit(raw: DatasetDict, args: argparse.Namespace) -> DatasetDict:
-    """Hold out ``--validation_split_percentage`` of ``train`` when there is no ``validation`` split, then
-    apply ``--max_train_samples`` / ``--max_eval_samples``. For scripts that load data their own way too
-    (e.g. an ``imagefolder``)."""
+    """Hold out a validation split from ``train`` when there is none (the rows of ``--validation_split_values``
+    in ``--validation_split_column``, else a random ``--validation_split_percentage``), then apply
+    ``--max_train_samples`` / ``--max_eval_samples``. For scripts that load data their own way too (e.g. an
+    ``imagefolder``)."""
     if "train" not in raw:
         raise ValueError(f"the data has no 'train' split (splits: {', '.join(raw)})")
-    if "validation" not in raw:
+    column = getattr(args, "validation_split_column", None)
+    if column is not None:
+        if "validation" in raw:
+            raise ValueError(f"--validation_split_column {column!r} was given, but the data has a validation split")
+        raw = hold_out_groups(raw["train"], column, args.validation_split_values)
+    elif "validation" not in raw:
         held_out = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
         raw = DatasetDict({"train": held_out["train"], "validation": held_out["test"]})
 
@@ -597,6 +624,30 @@ def split_and_limit(raw: DatasetDict, args: argparse.Namespace) -> DatasetDict:
         if limit is not None and limit < len(raw[split]):
             raw[split] = raw[split].shuffle(seed=args.seed).select(range(limit))
     return raw
+
+
+def hold_out_groups(train: datasets.Dataset, column: str, values: Sequence[str]) -> DatasetDict:
+    """Split `train` into ``train`` and ``validation``: the rows whose `column` value, as text, is in `values`
+    are the validation split (whole groups, e.g. speakers or recording indices, held out together)."""
+    if column not in train.column_names:
+        raise ValueError(
+            f"--validation_split_column {column!r} is not a column of the training data "
+            f"(columns: {', '.join(train.column_names)})"
+        )
+    held_out_values = set(values)
+    in_validation = [str(value) in held_out_values for value in train[column]]
+    num_held_out = sum(in_validation)
+    if num_held_out in (0, len(train)):
+        found = sorted({str(value) for value in train[column]})
+        shown = ", ".join(found[:20]) + (", ..." if len(found) > 20 else "")
+        which = "no" if num_held_out == 0 else "every"
+        raise ValueError(
+            f"--validation_split_values {' '.join(values)} select {which} training row of column {column!r} "
+            f"(its values: {shown}); some rows must be left to train on and some held out"
+        )
+    validation = [i for i, held in enumerate(in_validation) if held]
+    training = [i for i, held in enumerate(in_validation) if not held]
+    return DatasetDict({"train": train.select(training), "validation": train.select(validation)})
 
 
 def check_training_column(raw: DatasetDict, option: str, column: str) -> None:

@@ -8,8 +8,11 @@ tiny (hidden size 16, 1-2 layers) so that the whole suite stays fast on a 2-core
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -471,3 +474,26 @@ def exported_head_classes() -> set[type[PerceiverPreTrainedModel]]:
 
 def spec_ids(specs: list[HeadSpec]) -> list[str]:
     return [spec.id for spec in specs]
+
+
+def sys_path_without_the_package() -> list[str]:
+    """This interpreter's import path minus every entry that holds `perceiver_hf` (repository root,
+    legacy `develop` install). Editable installs that hook in through a `.pth` file (import finders)
+    are left out by running the child with `-S`, which skips `.pth` processing.
+
+    Dynamic-module caches are left out too: transformers (and evaluate) append this process's
+    `HF_MODULES_CACHE` to `sys.path` once they have used it, and where that cache holds a
+    `transformers_modules` package (remote code loaded earlier, by any process), the child would import
+    that package instead of the one in its own cache, which transformers appends after it: "No module
+    named 'transformers_modules.model'", depending on which tests ran before."""
+    from transformers.utils.hub import HF_MODULES_CACHE
+
+    def excluded(entry: str) -> bool:
+        path = Path(entry)
+        return (
+            (path / "perceiver_hf").exists()
+            or (path / "transformers_modules").exists()
+            or os.path.realpath(entry) == os.path.realpath(HF_MODULES_CACHE)
+        )
+
+    return [entry for entry in sys.path if entry and not excluded(entry)]

@@ -353,7 +353,7 @@ REMOTE_AUDIO_CHILD = textwrap.dedent(
 
 
 def test_remote_code_loads_audio_and_multimodal_classifiers_without_the_package(tmp_path: Path) -> None:
-    from perceiver_tester import multimodal_batch, tiny_multimodal_config
+    from perceiver_tester import multimodal_batch, sys_path_without_the_package, tiny_multimodal_config
 
     from perceiver_hf import PerceiverForMultimodalClassification
 
@@ -378,7 +378,7 @@ def test_remote_code_loads_audio_and_multimodal_classifiers_without_the_package(
         expected_audio = audio_model(**batch["audio"]).logits
         expected_multimodal = multimodal_model(**batch["multimodal"]).logits
 
-    package_free_path = [p for p in sys.path if p and not (Path(p) / "perceiver_hf").exists()]
+    package_free_path = sys_path_without_the_package()
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
     result = subprocess.run(

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import inspect
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -110,6 +111,68 @@ def test_local_files_by_extension_and_held_out_validation(tmp_path: Path) -> Non
     assert csv["train"].column_names == ["text", "label"]
     txt = common.load_raw_datasets(parse("--train_file", str(tmp_path / "b.txt"), "--max_train_samples", "5"))
     assert txt["train"].column_names == ["text"] and len(txt["train"]) == 5
+
+
+def test_whole_groups_are_held_out_by_column_value(tmp_path: Path) -> None:
+    """`--validation_split_column index --validation_split_values 0 1`: the rows of recordings 0 and 1 (of every
+    speaker) are the validation split, the rest trains in its original order; the percentage is not used."""
+    rows = [(speaker, index) for speaker in ("ann", "bob", "cat") for index in range(5)]
+    Dataset.from_dict({"speaker": [s for s, _ in rows], "index": [i for _, i in rows]}).to_parquet(
+        tmp_path / "a.parquet"
+    )
+    options = ("--train_file", str(tmp_path / "a.parquet"), "--validation_split_percentage", "50")
+    raw = common.load_raw_datasets(
+        parse(*options, "--validation_split_column", "index", "--validation_split_values", "0", "1")
+    )
+    assert sorted(zip(raw["validation"]["speaker"], raw["validation"]["index"], strict=True)) == [
+        (s, i) for s in ("ann", "bob", "cat") for i in (0, 1)
+    ]
+    assert list(zip(raw["train"]["speaker"], raw["train"]["index"], strict=True)) == [(s, i) for s, i in rows if i >= 2]
+
+    by_speaker = common.load_raw_datasets(
+        parse(*options, "--validation_split_column", "speaker", "--validation_split_values", "bob")
+    )
+    assert set(by_speaker["validation"]["speaker"]) == {"bob"} and "bob" not in by_speaker["train"]["speaker"]
+    assert (len(by_speaker["train"]), len(by_speaker["validation"])) == (10, 5)
+
+
+def test_group_hold_out_rejects_what_it_cannot_split() -> None:
+    train = Dataset.from_dict({"speaker": ["ann", "ann", "bob"], "index": [0, 1, 0]})
+    with pytest.raises(ValueError, match=r"--validation_split_column 'recording' is not a column .*speaker, index"):
+        common.hold_out_groups(train, "recording", ["0"])
+    with pytest.raises(
+        ValueError, match=r"--validation_split_values 7 select no training row of column 'index' \(its values: 0, 1\)"
+    ):
+        common.hold_out_groups(train, "index", ["7"])
+    with pytest.raises(ValueError, match=r"--validation_split_values 0 1 select every training row"):
+        common.hold_out_groups(train, "index", ["0", "1"])
+    with_validation = DatasetDict({"train": train, "validation": train})
+    with pytest.raises(ValueError, match="but the data has a validation split"):
+        common.split_and_limit(
+            with_validation, parse("--validation_split_column", "index", "--validation_split_values", "0")
+        )
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--validation_split_column", "index"], "go together, got column 'index' and values None"),
+        (["--validation_split_values", "0"], "go together, got column None and values \\['0'\\]"),
+    ],
+)
+def test_group_hold_out_options_go_together(argv: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse(*argv)
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_group_hold_out_and_a_validation_file_exclude_each_other(tmp_path: Path, capsys) -> None:
+    for name in ("a.csv", "b.csv"):
+        (tmp_path / name).write_text("text,label\nx,0\n")
+    with pytest.raises(SystemExit):
+        parse("--train_file", str(tmp_path / "a.csv"), "--validation_file", str(tmp_path / "b.csv"),
+              "--validation_split_column", "label", "--validation_split_values", "0")  # fmt: skip
+    assert "give either --validation_file or --validation_split_column" in capsys.readouterr().err
 
 
 def test_default_data_files_are_used_without_options() -> None:

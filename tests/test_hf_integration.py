@@ -17,6 +17,7 @@ from perceiver_tester import (
     HEAD_SPECS,
     HeadSpec,
     spec_ids,
+    sys_path_without_the_package,
     text_batch,
     tiny_image_config,
     tiny_text_config,
@@ -218,29 +219,6 @@ REMOTE_CHILD = textwrap.dedent(
     torch.save({"logits": logits, "class": type(model).__name__}, sys.argv[4])
     """
 )
-
-
-def sys_path_without_the_package() -> list[str]:
-    """This interpreter's import path minus every entry that holds `perceiver_hf` (repository root,
-    legacy `develop` install). Editable installs that hook in through a `.pth` file (import finders)
-    are left out by running the child with `-S`, which skips `.pth` processing.
-
-    Dynamic-module caches are left out too: transformers (and evaluate) append this process's
-    `HF_MODULES_CACHE` to `sys.path` once they have used it, and where that cache holds a
-    `transformers_modules` package (remote code loaded earlier, by any process), the child would import
-    that package instead of the one in its own cache, which transformers appends after it: "No module
-    named 'transformers_modules.model'", depending on which tests ran before."""
-    from transformers.utils.hub import HF_MODULES_CACHE
-
-    def excluded(entry: str) -> bool:
-        path = Path(entry)
-        return (
-            (path / "perceiver_hf").exists()
-            or (path / "transformers_modules").exists()
-            or os.path.realpath(entry) == os.path.realpath(HF_MODULES_CACHE)
-        )
-
-    return [entry for entry in sys.path if entry and not excluded(entry)]
 
 
 def test_remote_code_loads_where_the_package_is_not_importable(tmp_path: Path) -> None:
