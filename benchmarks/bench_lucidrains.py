@@ -1,9 +1,9 @@
 """lucidrains' `perceiver-pytorch`: `PerceiverLM` (Perceiver IO masked LM) and `Perceiver` (image classifier).
 
 Its MLP is GEGLU with widening factor 4, fixed, so it is compared with our model in the "geglu"
-architecture. Differences that remain (see the parameter counts): no q/k/v biases; the masked-LM decoder
-has no MLP and queries with the input embeddings; the image classifier mean-pools the latents instead of
-decoding with a query.
+architecture, which `bench_ours` builds as lucidrains' blocks (no q/k/v biases; a masked-LM decoder without
+an MLP that queries with the embedded inputs): the masked LMs have the same parameters. The difference that
+remains: this image classifier mean-pools the latents, ours decodes one query.
 """
 
 from __future__ import annotations

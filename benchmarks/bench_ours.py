@@ -38,8 +38,11 @@ def config_fields(workload: Workload, arch: Architecture) -> dict:
         dropout=0.0,
         attention_dropout=0.0,
     )
+    lucidrains = arch.mlp == "geglu"
+    if lucidrains:
+        # lucidrains' blocks exactly: no query/key/value biases, and a decoder cross-attention without an MLP.
+        fields |= dict(qkv_bias=False, decoder_use_mlp=False)
     if workload.task == "mlm":
-        lucidrains = arch.mlp == "geglu"
         fields |= dict(
             input_adapter="text",
             vocab_size=arch.vocab_size,
@@ -51,6 +54,8 @@ def config_fields(workload: Workload, arch: Architecture) -> dict:
             decoder_v_channels=arch.d_model,
             decoder_use_query_residual=False,
             tie_word_embeddings=not lucidrains,  # lucidrains' PerceiverLM has its own output projection
+            # lucidrains' decoder queries are the embedded inputs (token + position), with no query residual.
+            mlm_decoder_queries="inputs" if lucidrains else "positions",
             decode_masked_only=True,
         )
     else:
