@@ -2,8 +2,8 @@
 
 Its MLP is GEGLU with widening factor 4, fixed, so it is compared with our model in the "geglu"
 architecture, which `bench_ours` builds as lucidrains' blocks (no q/k/v biases; a masked-LM decoder without
-an MLP that queries with the embedded inputs): the masked LMs have the same parameters. The difference that
-remains: this image classifier mean-pools the latents, ours decodes one query.
+an MLP that queries with the embedded inputs; an image classifier that mean-pools the latents): both models
+have the same parameters.
 """
 
 from __future__ import annotations

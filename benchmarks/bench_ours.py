@@ -70,6 +70,7 @@ def config_fields(workload: Workload, arch: Architecture) -> dict:
             decoder_use_query_residual=True,
             num_output_queries=1,
             d_output_queries=arch.d_latents,
+            pooling="mean" if lucidrains else "decoder",  # lucidrains' Perceiver mean-pools the latents
         )
     return fields
 

@@ -60,7 +60,7 @@ MLM_DECODER_QUERIES = ("positions", "inputs")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 # transformers' loss choices for classification heads (None: inferred from num_labels and the labels' dtype).
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
-# Multimodal classification: how the latents become the task heads' inputs (see PerceiverForMultimodalClassification).
+# Classification: how the latents become the classifier's inputs ("latents" and "none": multimodal only).
 POOLINGS = ("decoder", "mean", "latents", "none")
 
 
@@ -189,8 +189,9 @@ class PerceiverConfig(PretrainedConfig):
         modality_padding (`int`, *optional*, defaults to 0):
             Multimodal, `"concat"`: learned padding channels that even the widest modality gets (at least 1).
         pooling (`str`, *optional*, defaults to `"decoder"`):
-            Multimodal classification: how latents feed the task heads: `"decoder"` (learned queries cross-attend
-            to the latents), `"mean"` (mean over latents), `"latents"` (latent `i` feeds task head `i`) or
+            Classification heads: how the latents feed the classifier: `"decoder"` (learned queries cross-attend
+            to the latents) or `"mean"` (mean over latents, then LayerNorm and a linear layer, as lucidrains'
+            Perceiver); multimodal classification also takes `"latents"` (latent `i` feeds task head `i`) and
             `"none"` (no head: the latents are returned).
         task_num_labels (`list[int]`, *optional*):
             Multimodal classification: classes of each task head (several tasks); `None`: one task of

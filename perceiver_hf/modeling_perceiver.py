@@ -1167,8 +1167,22 @@ def _classification_loss(config: PerceiverConfig, logits: torch.Tensor, labels: 
     return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
 
+class MeanPoolingClassifier(nn.Module):
+    """lucidrains' Perceiver classifier: the mean of the latents `(B, L, D)`, then LayerNorm and a linear layer ->
+    `(B, num_labels)` (`config.pooling="mean"`)."""
+
+    def __init__(self, config: PerceiverConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(config.d_latents, eps=config.layer_norm_eps)
+        self.linear = nn.Linear(config.d_latents, config.num_labels)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(latents.mean(dim=1)))
+
+
 class _PerceiverClassificationModel(PerceiverPreTrainedModel):
-    """Encoder, then learned queries cross-attending to the latents, then a classification adapter.
+    """Encoder, then learned queries cross-attending to the latents, then a classification adapter; or, with
+    `config.pooling="mean"`, the mean of the latents into a `MeanPoolingClassifier` (lucidrains' Perceiver).
 
     The decoder is named `classification_decoder` (not `decoder`) so that loading a masked-LM
     checkpoint keeps the adapter and encoder and reports the new decoder as newly initialised.
@@ -1176,17 +1190,25 @@ class _PerceiverClassificationModel(PerceiverPreTrainedModel):
 
     def __init__(self, config: PerceiverConfig) -> None:
         super().__init__(config)
+        if config.pooling not in ("decoder", "mean"):
+            raise ValueError(
+                f"{type(self).__name__} takes pooling 'decoder' or 'mean', got {config.pooling!r} "
+                "('latents' and 'none' are PerceiverForMultimodalClassification's)"
+            )
         self.num_labels = config.num_labels
         self.perceiver = PerceiverModel(config)
-        self.classification_decoder = PerceiverDecoder(
-            config,
-            ClassificationOutputAdapter(
-                config.num_labels,
-                num_outputs=config.num_output_queries,
-                num_output_channels=config.d_output_queries or config.d_latents,
-            ),
-            use_query_residual=True,
-        )
+        if config.pooling == "mean":
+            self.mean_pooling_classifier = MeanPoolingClassifier(config)
+        else:
+            self.classification_decoder = PerceiverDecoder(
+                config,
+                ClassificationOutputAdapter(
+                    config.num_labels,
+                    num_outputs=config.num_output_queries,
+                    num_output_channels=config.d_output_queries or config.d_latents,
+                ),
+                use_query_residual=True,
+            )
         self.post_init()
         if getattr(config, "freeze_encoder", False):
             self.freeze_encoder()
@@ -1269,17 +1291,22 @@ class _PerceiverClassificationModel(PerceiverPreTrainedModel):
         output_attentions: bool | None,
         return_dict: bool,
     ) -> PerceiverClassifierOutput | tuple:
-        decoded = self.classification_decoder(encoded.last_hidden_state, output_attentions=bool(output_attentions))
-        logits = decoded.logits
-        if logits.ndim == 3:  # several output queries: average their logits
-            logits = logits.mean(dim=1)  # (B, K)
+        if self.config.pooling == "mean":
+            logits = self.mean_pooling_classifier(encoded.last_hidden_state)  # (B, K)
+            cross_attentions = encoded.cross_attentions  # no decoder
+        else:
+            decoded = self.classification_decoder(encoded.last_hidden_state, output_attentions=bool(output_attentions))
+            logits = decoded.logits
+            if logits.ndim == 3:  # several output queries: average their logits
+                logits = logits.mean(dim=1)  # (B, K)
+            cross_attentions = _cross_attentions(encoded, decoded)
         loss = None if labels is None else _classification_loss(self.config, logits, labels)
         output = PerceiverClassifierOutput(
             loss=loss,
             logits=logits,
             hidden_states=encoded.hidden_states,
             attentions=encoded.attentions,
-            cross_attentions=_cross_attentions(encoded, decoded),
+            cross_attentions=cross_attentions,
         )
         return output if return_dict else output.to_tuple()
 

@@ -232,6 +232,16 @@ HEAD_SPECS: list[HeadSpec] = [
         output_shape=lambda c, b, n: (b, c.num_labels),
         make_labels=_class_labels,
     ),
+    # lucidrains' Perceiver classifier: the mean of the latents, LayerNorm and a linear layer (no decoder).
+    HeadSpec(
+        PerceiverForImageClassification,
+        AutoModelForImageClassification,
+        functools.partial(tiny_image_config, pooling="mean"),
+        output_name="logits",
+        output_shape=lambda c, b, n: (b, c.num_labels),
+        make_labels=_class_labels,
+        variant="mean-pooling",
+    ),
     # The masked LM whose decoder queries are its inputs, with the text adapter's context convolution.
     HeadSpec(
         PerceiverForMaskedLM,

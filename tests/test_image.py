@@ -27,6 +27,7 @@ from perceiver_hf import (
     ImageInputAdapter,
     PerceiverConfig,
     PerceiverForImageClassification,
+    PerceiverForSequenceClassification,
     PerceiverImageProcessor,
     PerceiverModel,
     fourier_features,
@@ -608,3 +609,59 @@ def test_script_trains_in_bf16(tmp_path: Path) -> None:
     assert math.isfinite(results["loss"]) and 0.0 <= results["accuracy"] <= 1.0
     weights = load_file(tmp_path / "model.safetensors")
     assert all(tensor.dtype == torch.float32 for tensor in weights.values())
+
+
+# ---------------------------------------------------------------------------------------------------- mean pooling
+
+
+def test_mean_pooling_classifies_the_mean_latent_without_a_decoder() -> None:
+    """`pooling="mean"` (lucidrains' Perceiver): logits = Linear(LayerNorm(mean of the latents)); no decoder
+    parameters, and only the encoder's cross-attention weights are returned."""
+    torch.manual_seed(0)
+    model = PerceiverForImageClassification(tiny_image_config(pooling="mean")).eval()
+    decoder_model = PerceiverForImageClassification(tiny_image_config())
+    assert not any(name.startswith("classification_decoder.") for name, _ in model.named_parameters())
+    encoder_size = sum(p.numel() for p in model.perceiver.parameters())
+    d, k = model.config.d_latents, model.config.num_labels
+    assert sum(p.numel() for p in model.parameters()) == encoder_size + 2 * d + d * k + k
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in decoder_model.parameters())
+
+    pixel_values = torch.randn(3, 3, 6, 5)
+    with torch.no_grad():
+        outputs = model(pixel_values=pixel_values, output_attentions=True)
+        latents = model.perceiver(pixel_values=pixel_values).last_hidden_state  # (B, L, D)
+    head = model.mean_pooling_classifier
+    expected = head.linear(torch.nn.functional.layer_norm(latents.mean(dim=1), (d,), head.norm.weight, head.norm.bias))
+    torch.testing.assert_close(outputs.logits, expected)
+    assert len(outputs.cross_attentions) == model.config.num_cross_attention_layers
+    assert outputs.cross_attentions[0].shape == (3, 1, model.config.num_latents, 6 * 5)
+
+
+@pytest.mark.parametrize("pooling", ["latents", "none"])
+def test_single_task_heads_reject_the_multimodal_poolings(pooling: str) -> None:
+    with pytest.raises(
+        ValueError, match=rf"PerceiverForImageClassification takes pooling 'decoder' or 'mean', got '{pooling}'"
+    ):
+        PerceiverForImageClassification(tiny_image_config(pooling=pooling))
+    with pytest.raises(ValueError, match=rf"PerceiverForSequenceClassification takes pooling .* got '{pooling}'"):
+        PerceiverForSequenceClassification(tiny_text_config(pooling=pooling))
+
+
+def test_mean_pooling_head_has_lucidrains_perceiver_parameters() -> None:
+    """The HF image head built as lucidrains' blocks (GEGLU x4, no q/k/v biases, `pooling="mean"`) has the
+    parameter shapes of lucidrains' `Perceiver` classifier (this package's mirror, whose counts equal the
+    original's in tests/test_mirror_perceiver_pytorch.py) of the same sizes."""
+    from perceiver_hf.perceiver_pytorch import Perceiver
+
+    mirror = Perceiver(num_freq_bands=3, depth=1, max_freq=6.0, input_channels=3, input_axis=2, num_latents=6,
+                       latent_dim=16, cross_heads=1, latent_heads=2, cross_dim_head=16, latent_dim_head=8,
+                       num_classes=10, self_per_cross_attn=2)  # fmt: skip
+    config = tiny_image_config(
+        num_frequency_bands=3, num_self_attention_heads=2, cross_attention_qk_channels=16,
+        cross_attention_v_channels=16, self_attention_qk_channels=16, self_attention_v_channels=16,
+        hidden_act="geglu", cross_attention_widening_factor=4, self_attention_widening_factor=4, qkv_bias=False,
+        pooling="mean", num_labels=10,
+    )  # fmt: skip
+    head = PerceiverForImageClassification(config)
+    assert sorted(tuple(p.shape) for p in head.parameters()) == sorted(tuple(p.shape) for p in mirror.parameters())
+    assert sum(p.numel() for p in head.parameters()) == sum(p.numel() for p in mirror.parameters()) == 13_324
