@@ -1168,16 +1168,17 @@ def _classification_loss(config: PerceiverConfig, logits: torch.Tensor, labels: 
 
 
 class MeanPoolingClassifier(nn.Module):
-    """lucidrains' Perceiver classifier: the mean of the latents `(B, L, D)`, then LayerNorm and a linear layer ->
-    `(B, num_labels)` (`config.pooling="mean"`)."""
+    """lucidrains' Perceiver classifier (`config.pooling="mean"`): the mean of the latents `(B, L, D)`, then LayerNorm
+    and a linear layer -> logits `(B, num_labels)`. Called like the classification decoder it replaces (it has no
+    attention weights to return)."""
 
     def __init__(self, config: PerceiverConfig) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(config.d_latents, eps=config.layer_norm_eps)
         self.linear = nn.Linear(config.d_latents, config.num_labels)
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.norm(latents.mean(dim=1)))
+    def forward(self, latents: torch.Tensor, output_attentions: bool = False) -> PerceiverDecoderOutput:
+        return PerceiverDecoderOutput(logits=self.linear(self.norm(latents.mean(dim=1))))
 
 
 class _PerceiverClassificationModel(PerceiverPreTrainedModel):
@@ -1291,22 +1292,18 @@ class _PerceiverClassificationModel(PerceiverPreTrainedModel):
         output_attentions: bool | None,
         return_dict: bool,
     ) -> PerceiverClassifierOutput | tuple:
-        if self.config.pooling == "mean":
-            logits = self.mean_pooling_classifier(encoded.last_hidden_state)  # (B, K)
-            cross_attentions = encoded.cross_attentions  # no decoder
-        else:
-            decoded = self.classification_decoder(encoded.last_hidden_state, output_attentions=bool(output_attentions))
-            logits = decoded.logits
-            if logits.ndim == 3:  # several output queries: average their logits
-                logits = logits.mean(dim=1)  # (B, K)
-            cross_attentions = _cross_attentions(encoded, decoded)
+        classifier = self.mean_pooling_classifier if self.config.pooling == "mean" else self.classification_decoder
+        decoded = classifier(encoded.last_hidden_state, output_attentions=bool(output_attentions))
+        logits = decoded.logits
+        if logits.ndim == 3:  # several output queries: average their logits
+            logits = logits.mean(dim=1)  # (B, K)
         loss = None if labels is None else _classification_loss(self.config, logits, labels)
         output = PerceiverClassifierOutput(
             loss=loss,
             logits=logits,
             hidden_states=encoded.hidden_states,
             attentions=encoded.attentions,
-            cross_attentions=cross_attentions,
+            cross_attentions=_cross_attentions(encoded, decoded),
         )
         return output if return_dict else output.to_tuple()
 
