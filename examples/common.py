@@ -610,7 +610,7 @@ def split_and_limit(raw: DatasetDict, args: argparse.Namespace) -> DatasetDict:
     ``imagefolder``)."""
     if "train" not in raw:
         raise ValueError(f"the data has no 'train' split (splits: {', '.join(raw)})")
-    column = getattr(args, "validation_split_column", None)
+    column = args.validation_split_column
     if column is not None:
         if "validation" in raw:
             raise ValueError(f"--validation_split_column {column!r} was given, but the data has a validation split")
